@@ -1,0 +1,6 @@
+"""Compression methods as plugins: see :mod:`compress.methods.base`."""
+
+from compress.methods.base import (  # noqa: F401
+    Group, LayerMethod, Method, ModelMethod, available_methods, build_method, config_field, get_method,
+    make_config, register,
+)

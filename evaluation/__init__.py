@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, fidelity against a reference model, cost; and the benchmarks."""
