@@ -1,0 +1,36 @@
+"""HessianAccumulator against a dense float64 X Xᵀ."""
+
+import pytest
+import torch
+
+from compress.stats import HessianAccumulator
+
+
+@pytest.mark.parametrize("splits", [[300], [1, 299], [100, 100, 100], [7, 64, 129, 100]])
+def test_hessian_equals_dense_float64_whatever_the_batch_split(splits):
+    x = torch.randn(sum(splits), 48, generator=torch.Generator().manual_seed(0)) * 3 + 0.5
+    acc = HessianAccumulator(48)
+    for chunk in torch.split(x, splits):
+        acc.add_batch(chunk.reshape(1, -1, 48))  # (1, tokens, in) like a layer input
+    dense = x.double().t() @ x.double()
+    rel = (acc.xtx.double() - dense).norm() / dense.norm()
+    assert rel.item() <= 1e-6
+    assert acc.count == x.shape[0]
+    expected = 2 * dense / x.shape[0]
+    assert ((acc.hessian().double() - expected).norm() / expected.norm()).item() <= 1e-6
+    assert torch.allclose(acc.channel_norms().double(), x.double().norm(dim=0), rtol=1e-6)
+
+
+def test_norm_only_accumulator_keeps_no_gram():
+    acc = HessianAccumulator(8, gram=False)
+    x = torch.randn(10, 8)
+    acc.add_batch(x)
+    assert acc.xtx is None
+    assert torch.allclose(acc.channel_norms(), x.norm(dim=0), rtol=1e-6)
+    with pytest.raises(RuntimeError):
+        acc.hessian()
+
+
+def test_width_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="width"):
+        HessianAccumulator(8).add_batch(torch.randn(4, 9))
