@@ -1,0 +1,1 @@
+"""Training: examples (``data``) and the accelerate training loop (``loop``)."""
