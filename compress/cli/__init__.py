@@ -16,6 +16,7 @@ import click
 from compress.errors import CompressError
 
 COMMANDS = [
+    "compress.cli.adapt_cmd",
     "compress.cli.eval_cmd",
 ]
 
