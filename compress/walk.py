@@ -135,20 +135,34 @@ def observe_group(layer: torch.nn.Module, group: Group, inputs: LayerInputs, dev
     """Run the layer over every batch and accumulate the input statistics of ``group``'s modules.
 
     The forward stops as soon as all the group's modules have seen their input: later parts of the
-    layer are not needed for these statistics.
+    layer are not needed for these statistics. Modules fed the very same input tensor (q/k/v, gate/up)
+    share one accumulator, so their Σxᵀx is computed once: treat the statistics as read-only.
     """
     modules = {name: layer.get_submodule(name) for name in group.modules}
     stats = {name: HessianAccumulator(m.in_features, device, stats_dtype, gram=group.stats == "hessian")
              for name, m in modules.items()}
     seen: set[str] = set()
+    batch_inputs: dict[str, torch.Tensor] = {}  # this batch's input of each module seen so far
+    shared: dict[str, str] = {}  # module → the module whose accumulator it shares (decided on batch 0)
 
     def make_hook(name):
         def hook(module, args):
-            stats[name].add_batch(args[0])
+            x = args[0]
+            owner = shared.get(name)
+            if owner is None and first_batch[0]:
+                owner = next((n for n, t in batch_inputs.items() if t is x and n not in shared), None)
+                if owner is not None:
+                    shared[name] = owner
+                    stats[name] = stats[owner]
+            if owner is None:
+                stats[name].add_batch(x)
+            batch_inputs[name] = x
             seen.add(name)
             if len(seen) == len(modules):
                 raise _StopLayer
         return hook
+
+    first_batch = [True]
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
     try:
@@ -158,6 +172,8 @@ def observe_group(layer: torch.nn.Module, group: Group, inputs: LayerInputs, dev
                 layer(states.to(device, non_blocking=True), **_to(kwargs, device))
             except _StopLayer:
                 pass
+            first_batch[0] = False
+            batch_inputs.clear()
     finally:
         for handle in handles:
             handle.remove()

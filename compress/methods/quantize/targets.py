@@ -1,0 +1,43 @@
+"""Which Linear modules a quantization method touches: every Linear of a decoder layer not ignored."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+import torch
+
+from compress.errors import ConfigError
+
+
+def matches(pattern: str, name: str) -> bool:
+    """``re:REGEX`` (re.match, as compressed-tensors' ignore lists) or a shell pattern on the full name."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern) or name.endswith("." + pattern) or name == pattern
+
+
+def is_ignored(name: str, patterns: list[str]) -> bool:
+    return any(matches(p, name) for p in patterns)
+
+
+def linear_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def check_ignore_patterns(model: torch.nn.Module, patterns: list[str]) -> None:
+    """Every ignore pattern must match at least one Linear of the model (a typo ignores nothing)."""
+    names = linear_names(model)
+    for pattern in patterns:
+        if not any(matches(pattern, n) for n in names):
+            raise ConfigError(f"ignore pattern '{pattern}' matches no Linear module of the model "
+                              f"(names look like '{names[0] if names else '?'}')")
+
+
+def layer_targets(layer: torch.nn.Module, index: int, patterns: list[str], order=None) -> list[str]:
+    """Names (inside the layer) of the Linear modules to quantize, in ``order`` when given."""
+    names = [n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+    if order is not None:
+        ranked = {n: k for k, n in enumerate(order)}
+        names.sort(key=lambda n: ranked.get(n, len(ranked)))
+    return [n for n in names if not is_ignored(f"model.layers.{index}.{n}", patterns)]
