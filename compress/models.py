@@ -193,6 +193,9 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     """Load a model for compression. Errors a user can fix are raised as CompressError."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from compress.modeling_pruned import register_auto_classes
+
+    register_auto_classes()  # per-layer-width pruned models (model_type compress_llama) load without remote code
     path = resolve_model_path(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)

@@ -1,0 +1,120 @@
+"""SlimGPT as a layer-wise method of the walk.
+
+Per decoder layer the walk runs two groups in order:
+
+1. ``self_attn.o_proj``: collect H of o_proj's input, remove query heads (or KV groups) by Batched
+   Greedy Pruning with OBS compensation of the surviving o_proj columns, drop their q/k/v rows;
+2. ``mlp.down_proj``: the walk re-runs the layer *with the pruned attention*, so H of down_proj's
+   input is the one the pruned model really sees (as the paper does); remove FFN channels by
+   Dynamic Group Size with compensation, drop their gate/up rows.
+
+Then the walk propagates the pruned layer's outputs to the next layer. Call :meth:`prepare` with the
+model before the walk: it computes every layer's plan (Incremental Pruning Ratio) and fails fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from compress.errors import CompressError
+from compress.methods.base import Group, LayerMethod, register
+from compress.methods.slimgpt.config import SlimGPTConfig
+from compress.methods.slimgpt.obs import dynamic_group_sizes, prune_channels, prune_column_groups
+from compress.methods.slimgpt.plan import LayerPlan, LayerShape, plan_model
+from compress.methods.slimgpt.shrink import layer_widths, shrink_attention, shrink_mlp
+
+log = logging.getLogger(__name__)
+ATTENTION = "self_attn.o_proj"
+MLP = "mlp.down_proj"
+
+
+def model_shapes(model: torch.nn.Module) -> list[LayerShape]:
+    """The widths of every decoder layer as the modules are now (works on pruned models too)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shapes = []
+    for layer in model.model.layers:
+        heads, kv, ffn = layer_widths(layer, head_dim)
+        shapes.append(LayerShape(config.hidden_size, heads, kv, head_dim, ffn))
+    return shapes
+
+
+@register
+class SlimGPT(LayerMethod):
+    name = "slimgpt"
+    help = "Structured pruning of attention heads and FFN channels (SlimGPT, OBS with compensation)."
+    Config = SlimGPTConfig
+
+    def __init__(self, config: SlimGPTConfig | None = None):
+        super().__init__(config)
+        self.shapes: list[LayerShape] | None = None
+        self.plans: list[LayerPlan] | None = None
+
+    def prepare(self, model: torch.nn.Module) -> list[LayerPlan]:
+        """Plan every layer from the model's widths; raises CompressError if a layer would be emptied."""
+        self.shapes = model_shapes(model)
+        self.plans = plan_model(self.shapes, self.config.ratio, self.config.schedule, self.config.min_scale,
+                                self.config.gqa_unit, self.config.prune_attention)
+        return self.plans
+
+    def _plan(self, index: int) -> LayerPlan:
+        if self.plans is None:
+            raise CompressError("slimgpt: call prepare(model) before the walk (it plans every layer's ratio)")
+        return self.plans[index]
+
+    def groups(self, layer: torch.nn.Module, index: int) -> list[Group]:
+        plan = self._plan(index)
+        groups = []
+        if plan.attention_units:
+            groups.append(Group([ATTENTION], name="attention"))
+        if plan.channels_removed:
+            groups.append(Group([MLP], name="mlp"))
+        return groups
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return torch.float64 if self.config.obs_dtype == "float64" else torch.float32
+
+    def apply(self, layer: torch.nn.Module, index: int, group: Group, stats: dict) -> dict:
+        start = time.perf_counter()
+        plan, shape = self._plan(index), self.shapes[index]
+        if group.name == "attention":
+            out = self._prune_attention(layer, plan, shape, stats[ATTENTION].hessian())
+        else:
+            out = self._prune_mlp(layer, plan, stats[MLP].hessian())
+        out[f"{group.name}_seconds"] = round(time.perf_counter() - start, 3)
+        log.info("layer %d %s: %s", index, group.name,
+                 {k: v for k, v in out.items() if k in ("heads_kept", "kv_heads_kept", "ffn_kept")})
+        return out
+
+    def _prune_attention(self, layer, plan: LayerPlan, shape: LayerShape, hessian: torch.Tensor) -> dict:
+        attn = layer.self_attn
+        groups = shape.heads // shape.kv_heads
+        weight = attn.o_proj.weight
+        if plan.unit == "query":
+            # one OBS group per query head; every KV group must lose the same number of heads
+            partition = [[g * groups + j for j in range(groups)] for g in range(shape.kv_heads)]
+            result = prune_column_groups(weight, hessian, shape.head_dim, plan.heads_removed,
+                                         damping=self.config.damping, partition=partition, dtype=self._dtype)
+            kept_heads, kept_kv = result.kept, list(range(shape.kv_heads))
+        else:
+            # one OBS group per KV head: its query heads' columns are consecutive in o_proj's input
+            result = prune_column_groups(weight, hessian, groups * shape.head_dim, plan.kv_removed,
+                                         damping=self.config.damping, dtype=self._dtype)
+            kept_kv = result.kept
+            kept_heads = [g * groups + j for g in kept_kv for j in range(groups)]
+        shrink_attention(attn, result.weight.to(weight.dtype), kept_heads, kept_kv, shape.head_dim)
+        return {"heads_kept": len(kept_heads), "kv_heads_kept": len(kept_kv), "removed_units": result.removed,
+                "attention_error": result.total_error}
+
+    def _prune_mlp(self, layer, plan: LayerPlan, hessian: torch.Tensor) -> dict:
+        mlp = layer.mlp
+        sizes = dynamic_group_sizes(plan.channels_removed, self.config.ffn_first_cap, self.config.ffn_batch)
+        weight = mlp.down_proj.weight
+        result = prune_channels(weight, hessian, plan.channels_removed, damping=self.config.damping,
+                                batch_sizes=sizes, dtype=self._dtype)
+        shrink_mlp(mlp, result.weight.to(weight.dtype), result.kept)
+        return {"ffn_kept": len(result.kept), "ffn_batches": sizes, "mlp_error": result.total_error}

@@ -1,0 +1,82 @@
+"""How much of every decoder layer to remove: the per-layer ratio turned into heads and channels.
+
+A layer's prunable parameters are P = hidden · head_dim · (2·heads + 2·kv_heads) + 3 · hidden · ffn
+(q, k, v, o and gate, up, down; Llama has no biases). Layer i must lose r_i · P of them. Attention is
+pruned in whole units — under grouped-query attention either one query head from every KV group
+("query": q rows and o columns) or one whole KV group ("kv": its query heads plus its k and v rows);
+without GQA a unit is one head with its key and value. The attention loses round(r_i · units) units
+(SlimGPT prunes heads and channels at the same ratio) and the FFN takes the rest, to the channel,
+so every layer meets its ratio up to one channel whatever the head granularity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from compress.errors import CompressError
+from compress.methods.slimgpt.schedule import layer_ratios
+
+
+@dataclass
+class LayerShape:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+
+    @property
+    def prunable(self) -> int:
+        return self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads) + 3 * self.hidden * self.ffn
+
+
+@dataclass
+class LayerPlan:
+    ratio: float  # the schedule's target for this layer
+    unit: str  # "query" or "kv"
+    attention_units: int  # units removed (see module docstring)
+    heads_removed: int
+    kv_removed: int
+    channels_removed: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_layer(ratio: float, shape: LayerShape, unit: str, prune_attention: bool = True, index: int = 0) -> LayerPlan:
+    groups = shape.heads // shape.kv_heads  # query heads per KV head
+    if groups == 1:
+        unit = "kv"  # no GQA: a head goes with its own key and value
+    if unit == "query":
+        total_units, unit_cost = groups, 2 * shape.hidden * shape.head_dim * shape.kv_heads
+    else:
+        total_units, unit_cost = shape.kv_heads, (2 * groups + 2) * shape.hidden * shape.head_dim
+    target = ratio * shape.prunable
+    units = min(round(ratio * total_units), total_units - 1) if prune_attention else 0
+    channels = round((target - units * unit_cost) / (3 * shape.hidden))
+    while channels < 0 and units > 0:  # attention rounding overshot the layer's budget
+        units -= 1
+        channels = round((target - units * unit_cost) / (3 * shape.hidden))
+    channels = max(channels, 0)
+    if ratio >= 1.0 or channels >= shape.ffn:
+        raise CompressError(f"layer {index} would be emptied: its pruning ratio is {ratio:.3f} "
+                            f"(after its attention heads it would need to lose {channels} of its {shape.ffn} FFN channels); "
+                            "choose a lower --ratio, --schedule uniform or a larger min_scale")
+    if unit == "query":
+        heads_removed, kv_removed = units * shape.kv_heads, 0
+    else:
+        heads_removed, kv_removed = units * groups, units
+    return LayerPlan(ratio, unit, units, heads_removed, kv_removed, channels)
+
+
+def plan_model(shapes: list[LayerShape], target: float, schedule: str, min_scale: float, unit: str,
+               prune_attention: bool = True) -> list[LayerPlan]:
+    """Per-layer plans whose ratios have the parameter-weighted mean ``target``; raises before any work
+    when a layer would be emptied."""
+    ratios = layer_ratios(target, [s.prunable for s in shapes], schedule, min_scale)
+    return [plan_layer(r, s, unit, prune_attention, i) for i, (r, s) in enumerate(zip(ratios, shapes))]
+
+
+def removed_parameters(shape: LayerShape, plan: LayerPlan) -> int:
+    return (shape.hidden * shape.head_dim * (2 * plan.heads_removed + 2 * plan.kv_removed)
+            + 3 * shape.hidden * plan.channels_removed)

@@ -1,0 +1,127 @@
+"""A Llama whose decoder layers each have their own width: query heads, KV heads and FFN channels.
+
+Structured pruning with a non-uniform schedule (SlimGPT's Incremental Pruning Ratio, NAS) leaves
+layers of different widths, which a plain ``LlamaConfig`` cannot describe. ``CompressLlamaConfig``
+adds three per-layer lists; ``CompressLlamaForCausalLM`` builds the stock Llama and then resizes each
+layer's projections, so the forward, the attention back-ends and the KV cache are transformers' own.
+
+This file is self-contained (it imports only torch and transformers): it is copied beside a
+non-uniform checkpoint as ``modeling_compress_llama.py`` so that
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` reloads it, and
+:func:`register_auto_classes` lets the package reload it without remote code.
+"""
+
+from __future__ import annotations
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+MODEL_TYPE = "compress_llama"
+FILE_NAME = "modeling_compress_llama.py"
+
+
+@strict
+class CompressLlamaConfig(LlamaConfig):
+    """LlamaConfig plus per-layer widths (None: the uniform value of the base fields)."""
+
+    model_type = "compress_llama"
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
+
+    def validate_architecture(self):
+        # head_dim is explicit, so the hidden size need not be a multiple of the head count.
+        n = self.num_hidden_layers
+        for name in ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size"):
+            values = getattr(self, name)
+            if values is not None and len(values) != n:
+                raise ValueError(f"{name} has {len(values)} entries for {n} layers")
+        for q, kv in zip(self.heads(), self.kv_heads()):
+            if q <= 0 or kv <= 0 or q % kv:
+                raise ValueError(f"a layer has {q} query heads and {kv} KV heads; need a positive multiple")
+
+    def heads(self) -> list[int]:
+        return list(self.layer_num_attention_heads or [self.num_attention_heads] * self.num_hidden_layers)
+
+    def kv_heads(self) -> list[int]:
+        return list(self.layer_num_key_value_heads or [self.num_key_value_heads] * self.num_hidden_layers)
+
+    def ffn(self) -> list[int]:
+        return list(self.layer_intermediate_size or [self.intermediate_size] * self.num_hidden_layers)
+
+
+def _resized(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    if (linear.in_features, linear.out_features) == (in_features, out_features):
+        return linear
+    return nn.Linear(in_features, out_features, bias=linear.bias is not None,
+                     device=linear.weight.device, dtype=linear.weight.dtype)
+
+
+def resize_layer(layer: nn.Module, heads: int, kv_heads: int, ffn: int, head_dim: int) -> None:
+    """Give one LlamaDecoderLayer ``heads`` query heads, ``kv_heads`` KV heads and ``ffn`` channels."""
+    attn, mlp = layer.self_attn, layer.mlp
+    hidden = attn.q_proj.in_features
+    attn.q_proj = _resized(attn.q_proj, hidden, heads * head_dim)
+    attn.k_proj = _resized(attn.k_proj, hidden, kv_heads * head_dim)
+    attn.v_proj = _resized(attn.v_proj, hidden, kv_heads * head_dim)
+    attn.o_proj = _resized(attn.o_proj, heads * head_dim, hidden)
+    attn.num_key_value_groups = heads // kv_heads  # used by repeat_kv / GQA in every attention back-end
+    mlp.gate_proj = _resized(mlp.gate_proj, hidden, ffn)
+    mlp.up_proj = _resized(mlp.up_proj, hidden, ffn)
+    mlp.down_proj = _resized(mlp.down_proj, ffn, hidden)
+    mlp.intermediate_size = ffn
+
+
+class CompressLlamaForCausalLM(LlamaForCausalLM):
+    """The stock Llama causal LM with each decoder layer resized to its width in the config."""
+
+    config_class = CompressLlamaConfig
+
+    def __init__(self, config: CompressLlamaConfig):
+        super().__init__(config)
+        for layer, q, kv, f in zip(self.model.layers, config.heads(), config.kv_heads(), config.ffn()):
+            resize_layer(layer, q, kv, f, config.head_dim)
+        self.post_init()
+
+
+def register_auto_classes() -> None:
+    """Let AutoConfig / AutoModelForCausalLM load ``compress_llama`` folders without remote code."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoConfig.register(MODEL_TYPE, CompressLlamaConfig, exist_ok=True)
+    AutoModelForCausalLM.register(CompressLlamaConfig, CompressLlamaForCausalLM, exist_ok=True)
+
+
+def per_layer_config(base: LlamaConfig, heads: list[int], kv_heads: list[int], ffn: list[int]) -> LlamaConfig:
+    """The config that describes layers of these widths: a plain LlamaConfig when every layer has the
+    same widths and the stock checks accept them, else a CompressLlamaConfig with an ``auto_map``."""
+    values = base.to_dict()
+    for key in ("model_type", "auto_map", "architectures", "transformers_version", "layer_num_attention_heads",
+                "layer_num_key_value_heads", "layer_intermediate_size"):
+        values.pop(key, None)
+    values["head_dim"] = base.head_dim
+    uniform = len(set(heads)) == 1 and len(set(kv_heads)) == 1 and len(set(ffn)) == 1
+    values.update(num_attention_heads=heads[0], num_key_value_heads=kv_heads[0], intermediate_size=ffn[0])
+    if uniform and values["hidden_size"] % heads[0] == 0:
+        config = LlamaConfig(**values)
+        config.architectures = ["LlamaForCausalLM"]
+        return config
+    config = CompressLlamaConfig(**values, layer_num_attention_heads=list(heads),
+                                 layer_num_key_value_heads=list(kv_heads), layer_intermediate_size=list(ffn))
+    config.architectures = ["CompressLlamaForCausalLM"]
+    config.auto_map = {"AutoConfig": f"{FILE_NAME[:-3]}.CompressLlamaConfig",
+                       "AutoModelForCausalLM": f"{FILE_NAME[:-3]}.CompressLlamaForCausalLM"}
+    return config
+
+
+def modeling_source() -> str:
+    """This file's text, to be saved beside a checkpoint as ``modeling_compress_llama.py``."""
+    import inspect
+    import sys
+
+    return inspect.getsource(sys.modules[__name__])
+
+
+__all__ = ["CompressLlamaConfig", "CompressLlamaForCausalLM"]
