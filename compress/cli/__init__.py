@@ -18,6 +18,7 @@ from compress.errors import CompressError
 COMMANDS = [
     "compress.cli.adapt_cmd",
     "compress.cli.eval_cmd",
+    "compress.cli.prune_cmd",
 ]
 
 
