@@ -186,3 +186,31 @@ def test_low_rank_artifact_is_small_and_reports_kept_energy(tmp_path):
     assert description["tensors"][name]["kept_energy"] == pytest.approx(kept, rel=1e-9)
     report = apply(tmp_path / "diff", target, tmp_path / "out")
     assert math.isnan(report.total()["drift_rel"])  # an artifact does not know the source base
+
+
+def test_registered_method_transfers_into_an_in_memory_model(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from compress.methods.base import build_method
+
+    base, ft, target = three_versions(tmp_path)
+    transfer(base, ft, target, tmp_path / "out", TransferOptions(scale=0.5))
+    model = LlamaForCausalLM.from_pretrained(target)
+    method = build_method("transfer", {"source_base": str(base), "source_ft": str(ft), "scale": 0.5})
+    result = method.run(model)
+    expected = weights(tmp_path / "out")
+    state = model.state_dict()
+    assert all(torch.equal(state[n], expected[n]) for n in expected)
+    assert result["report"]["total"]["drift_rel"] > 0
+
+
+def test_the_llama3_recipe_builds_a_valid_transfer_config():
+    import yaml
+
+    from compress.methods.base import build_method
+    from tests.conftest import REPO
+
+    recipe = yaml.safe_load((REPO / "recipes" / "transfer-llama3.yaml").read_text())
+    (stage,) = recipe["stages"]
+    method = build_method(stage["method"], stage["options"])
+    assert method.config.scale == 1.0 and method.config.source_ft.endswith("Meta-Llama-3-8B-Instruct")

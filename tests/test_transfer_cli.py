@@ -154,3 +154,12 @@ def test_apply_of_a_folder_that_is_not_an_artifact(tmp_path, versions):
     result = run_cli("transfer", "apply", "--diff", base, "--target-base", target, "--out", tmp_path / "out")
     assert_one_line_error(result, "is not a diff artifact")
     assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_the_alias_resolves_and_a_zero_diff_is_reported():
+    result = run_cli("transfer", "--source-base", "smollm2-135m", "--source-ft", "smollm2-135m",
+                     "--target-base", "smollm2-135m", "--report-only", "--include", r"layers\.0\.")
+    assert result.exit_code == 0, result.output
+    assert "(9 tensors;" in result.stdout  # layer 0: 7 matrices and 2 norms
+    assert "warning: the fine-tuned model equals the source base: the diff is zero" in result.stderr

@@ -23,7 +23,8 @@ from compress.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "compress.methods"
-BUILTIN_MODULES: list[str] = ["compress.methods.quantize", "compress.methods.slimgpt", "compress.methods.bone"]  # built-in method modules, each registers itself on import
+BUILTIN_MODULES: list[str] = ["compress.methods.quantize", "compress.methods.slimgpt", "compress.methods.bone",
+                              "compress.transfer.method"]  # built-in method modules, each registers itself on import
 _REGISTRY: dict[str, type["Method"]] = {}
 _loaded = False
 

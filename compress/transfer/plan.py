@@ -50,6 +50,10 @@ class DiffSource:
         """Rows of the source base in float64, or None where not known (a diff artifact)."""
         return None
 
+    def delta_and_base(self, name: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Δ and the source base for the same rows (sources that read the base once override this)."""
+        return self.delta(name, start, stop), self.base(name, start, stop)
+
     def finetuned(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows of the fine-tuned model in float64 (at least the rows the source base lacks)."""
         raise NotImplementedError

@@ -105,6 +105,14 @@ class CheckpointDiff(DiffSource):
             return self.low_rank(name).rows(start, stop)
         return self.dense_delta(name, start, stop)
 
+    def delta_and_base(self, name, start, stop):
+        base = self.base(name, start, stop)
+        if wants_low_rank(self.base_shape(name), self.rank):
+            return self.low_rank(name).rows(start, stop), base
+        delta = self.ft_ckpt.read(name, start, stop).double()
+        delta -= base
+        return delta, base
+
     def kept_energy(self, name):
         if wants_low_rank(self.base_shape(name), self.rank):
             return self.low_rank(name).kept_energy
@@ -130,8 +138,7 @@ def transferred_block(plan: TensorPlan, source: DiffSource, target: Checkpoint, 
     for kind, s, e in segments(plan.rows, a, b):
         if kind == "delta":
             theta = target.read(plan.name, s, e).double()
-            delta = source.delta(plan.name, s, e)
-            base = source.base(plan.name, s, e)
+            delta, base = source.delta_and_base(plan.name, s, e)
             stats.add(base, theta, delta)
             out[s - a:e - a] = theta + scale * delta  # θ_target + λΔ, in float64
         elif kind == "finetuned":
