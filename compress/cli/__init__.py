@@ -19,6 +19,7 @@ COMMANDS = [
     "compress.cli.adapt_cmd",
     "compress.cli.eval_cmd",
     "compress.cli.prune_cmd",
+    "compress.cli.quantize_cmd",
     "compress.cli.transfer_cmd",
 ]
 

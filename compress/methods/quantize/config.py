@@ -58,6 +58,9 @@ class GPTQConfig(QuantizeConfig):
 
     act_order: bool = config_field(False, "quantize columns in order of decreasing Hessian diagonal (desc_act); "
                                           "groups stay static (fixed by the original column index)")
+    static_groups: bool = config_field(True, "fit every group's grid on the original weights before any update "
+                                              "(always so with act_order); false: fit a group when its first "
+                                              "column is reached, on the updated weights, as the reference code")
     block_size: int = config_field(128, "columns per lazy batch update (GPTQ's block size B)")
     damp: float = config_field(0.01, "dampening added to the Hessian diagonal, as a fraction of its mean")
     damp_retries: int = config_field(6, "on a failed Cholesky, retry this many times with 10x the dampening")

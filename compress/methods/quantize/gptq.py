@@ -67,10 +67,10 @@ class GPTQ:
         w[:, dead] = 0.0
         g_idx = static_g_idx(width, size)
 
-        # Static groups (fixed by the original column index) whenever the order is permuted or the
-        # grid is per channel; otherwise each group's grid is fitted when its first column is reached,
-        # on the weights already updated by the earlier columns' errors (as in the reference code).
-        static = config.act_order or size == -1
+        # Static groups: every grid fitted on the original weights up front (needed when the order is
+        # permuted; also the default, as dynamic grids fitted on the error-updated weights widen with
+        # the feedback and lose at 2 bits). Dynamic: fitted when a group's first column is reached.
+        static = config.static_groups or config.act_order or size == -1
         scale = torch.zeros(out, width // (width if size == -1 else size))
         zero = torch.zeros_like(scale)
         if static:

@@ -71,7 +71,9 @@ def minmax_grid(w: torch.Tensor, bits: int, sym: bool, shrink: float | torch.Ten
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:
         scale = _round_scale((hi - lo) / maxq)
-        zero = torch.round(-lo / scale).clamp(0, maxq)
+        # z ≥ 1: the GPTQ v1 layout stores z − 1 in b bits, so z = 0 would not survive the export
+        # (it only arises for a group with no negative weight, which then loses one grid step).
+        zero = torch.round(-lo / scale).clamp(1, maxq)
     return scale, zero
 
 
