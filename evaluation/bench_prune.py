@@ -70,7 +70,7 @@ def run_method(name: str, ratio: float, tokens: torch.Tensor, args) -> tuple[tor
 def measure(model, stream, args) -> dict:
     decoder = sum(p.numel() for p in decoder_layers(model).parameters())
     ppl128 = perplexity(model, stream, 128, None, args.windows_128, batch_size=16).perplexity
-    ppl2048 = perplexity(model, stream, 2048, None, args.windows_2048).perplexity
+    ppl2048 = perplexity(model, stream, 2048, None, args.windows_2048).perplexity if args.windows_2048 else float("nan")
     prefill, _ = tokens_per_second(model, prefill_len=512, decode_steps=4, repeats=2)
     return {"params": count_parameters(model), "decoder_params": decoder, "ppl128": ppl128, "ppl2048": ppl2048,
             "prefill_tok_s": prefill}
@@ -90,7 +90,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
     parser.add_argument("--json", default=None, help="Write the rows as JSON here.")
     parser.add_argument("--out", default=None, help="Write the markdown table here.")
+    parser.add_argument("--merge", nargs="+", default=None, help="Only render the rows of these --json files.")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args)
     torch.set_num_threads(args.threads)
 
     dense = load_model(args.model)
@@ -118,6 +121,22 @@ def main() -> None:
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "forward_s": forward_s, "args": vars(args)}, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table + "\n")
+
+
+def merge(args) -> None:
+    """Render one table from several runs (e.g. one process per ratio) that share a protocol."""
+    parts = [json.loads(Path(p).read_text()) for p in args.merge]
+    rows = [row for part in parts for row in part["rows"]]
+    dense = next(row for row in rows if row["method"] == "dense")
+    for row in rows:
+        row["prefill_vs_dense"] = row["prefill_tok_s"] / dense["prefill_tok_s"]
+    first = argparse.Namespace(**parts[0]["args"])
+    shape = (first.samples, first.calib_seqlen)
+    table = render(rows, first, parts[0]["forward_s"], shape)
+    print(table)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(table + "\n")

@@ -140,13 +140,12 @@ def train_top_layers(model, layers: int, steps: int, lr: float, batches, loss_fn
     return losses
 
 
-def train_versions(v1, train, work: Path, args) -> tuple[list[float], list[float]]:
-    """Make v2 (continued training of v1) and v1-ft (the skill fine-tune of v1); return the losses."""
+def train_v2(v1, work: Path, args) -> list[float]:
+    """v2: continued training of v1 on WikiText-2 train (top layers, inputs of the first one cached)."""
     from compress.data import calibration_tokens
     from compress.models import load_model
 
     tokenizer, v1_folder = v1.tokenizer, v1.path
-    # v2: continued training on WikiText-2 train (top layers, inputs of the first one cached).
     n_layers = v1.model.config.num_hidden_layers
     windows = calibration_tokens(v1.model, tokenizer, "wikitext2", args.v2_steps * args.v2_batch, args.v2_seqlen, 1)
     model = load_model("smollm2-135m", tokenizer=False).model
@@ -163,10 +162,12 @@ def train_versions(v1, train, work: Path, args) -> tuple[list[float], list[float
 
     v2_losses = train_top_layers(model, args.v2_layers, args.v2_steps, args.v2_lr, v2_batch, v2_loss, "v2")
     save_version(model, v1_folder, work / "v2")
-    del model, cached
+    return v2_losses
 
-    # v1-ft: the skill fine-tune of v1, loss on the two answer tokens only.
-    model = v1.model
+
+def train_ft(v1, train, work: Path, args) -> list[float]:
+    """v1-ft: the skill fine-tune of v1 (top layers), loss on the two answer tokens only."""
+    model, v1_folder, n_layers = v1.model, v1.path, v1.model.config.num_hidden_layers
     ft_first = n_layers - args.ft_layers
     inputs = train[:, :-1]  # the answer's last token is a target, never an input
     cached = layer_inputs(model, inputs, ft_first)  # (n, P + 1, H)
@@ -183,7 +184,7 @@ def train_versions(v1, train, work: Path, args) -> tuple[list[float], list[float
 
     ft_losses = train_top_layers(model, args.ft_layers, args.ft_steps, args.ft_lr, ft_batch, ft_loss, "fine-tune")
     save_version(model, v1_folder, work / "v1-ft")
-    return v2_losses, ft_losses
+    return ft_losses
 
 
 
@@ -276,7 +277,8 @@ def main() -> None:
     parser.add_argument("--ppl-seqlen", type=int, default=256)
     parser.add_argument("--ppl-windows", type=int, default=2)
     parser.add_argument("--ranks", default="1,4,16")
-    parser.add_argument("--reuse", action="store_true", help="Reuse v2 and v1-ft from a previous run in --work.")
+    parser.add_argument("--reuse", choices=["none", "v2", "all"], default="none",
+                        help="Reuse v2 (or v2 and v1-ft) made by a previous run in --work.")
     parser.add_argument("--out", default=str(ROOT / "evaluation" / "results" / "transfer-smollm2.md"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -295,13 +297,14 @@ def main() -> None:
     train, held_out = task_examples(tokenizer, args.train_examples, args.eval_examples)
     print(f"task: {len(train)} train / {len(held_out)} held-out pairs", flush=True)
 
-    if args.reuse and (work / "train.json").is_file():
-        saved = json.loads((work / "train.json").read_text())
-        v2_losses, ft_losses, train_s = saved["v2"], saved["ft"], saved["seconds"]
-    else:
-        v2_losses, ft_losses = train_versions(v1, train, work, args)
-        train_s = time.perf_counter() - t0
-        (work / "train.json").write_text(json.dumps({"v2": v2_losses, "ft": ft_losses, "seconds": train_s}))
+    saved = json.loads((work / "train.json").read_text()) if (work / "train.json").is_file() else {}
+    if args.reuse not in ("v2", "all") or "v2" not in saved:
+        saved["v2"] = train_v2(v1, work, args)
+    if args.reuse != "all" or "ft" not in saved:
+        saved["ft"] = train_ft(v1, train, work, args)
+        saved["seconds"] = time.perf_counter() - t0
+    (work / "train.json").write_text(json.dumps(saved))
+    v2_losses, ft_losses, train_s = saved["v2"], saved["ft"], saved["seconds"]
     del v1
 
     # Transfers.
@@ -347,7 +350,8 @@ def main() -> None:
         f"- v2 = v1 after continued training on WikiText-2 train: top {args.v2_layers} decoder layers + final norm "
         f"(inputs of the first trained layer computed once, the frozen layers not recomputed), "
         f"{args.v2_steps} AdamW steps of {args.v2_batch}×{args.v2_seqlen} tokens, lr {args.v2_lr} "
-        f"(loss {v2_losses[0]:.3f} → {sum(v2_losses[-10:]) / len(v2_losses[-10:]):.3f}, mean of last 10); the "
+        f"(loss, mean of 10 steps: first {sum(v2_losses[:10]) / len(v2_losses[:10]):.3f}, last "
+        f"{sum(v2_losses[-10:]) / len(v2_losses[-10:]):.3f}); the "
         f"cheaper stated procedure, a full-weight run did not fit the shared CPU.",
         f"- Skill: `Swap: w1 w2 =>` → ` w2 w1` over {len(single_token_words(tokenizer))} single-token words; "
         f"{len(train)} training pairs, {len(held_out)} held-out pairs (never trained on); accuracy = exact match "

@@ -25,8 +25,9 @@ def _check_ratio(ratio: float) -> None:
               help="Per-layer ratios: log = SlimGPT's Incremental Pruning Ratio.")
 @click.option("--gqa-unit", type=click.Choice(["query", "kv"]), default="query", show_default=True,
               help="Under grouped-query attention: remove query heads evenly in every KV group, or whole KV groups.")
-@click.option("--data", default="wikitext2", show_default=True,
-              help="Calibration text: wikitext2, c4, a text/JSON-lines file or folder, or 'generate' (data-free).")
+@click.option("--data", default="generate", show_default=True,
+              help="Calibration: 'generate' (text the model writes itself, data-free), wikitext2, c4, "
+                   "or a text/JSON-lines file or folder.")
 @click.option("--samples", type=int, default=128, show_default=True, help="Calibration samples.")
 @click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sample.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration windows.")

@@ -11,6 +11,12 @@ peft ships it as MiSS (peft >= 0.17; its Bone tuner was removed in 0.19):
   per output block a (out/r x r x r), zero-initialised, and ΔW_{a,b} = W_{a,b} B_a + B_a. It needs r
   to divide both in_features and out_features of every targeted module; anything else is an error.
 - ``lora``: ``LoraConfig`` (ΔW = (alpha/r) B A), for comparison at an equal parameter budget.
+
+Known peft issue: up to peft 0.21.x a MissLinear keeps one ``miss_fn`` for all its adapters, so a
+second MiSS adapter with another ``init_weights`` (Bone next to Bat) silently switches the first one's
+forward/merge (fixed by huggingface/peft#3379, 2026-07). We attach exactly one adapter per model, and
+tests/test_adapt_formulas.py checks the installed peft's Bone and Bat forward and merge against the
+formulas, so a regression there fails the tests.
 """
 
 from __future__ import annotations
