@@ -56,6 +56,9 @@ class Method:
 class LayerMethod(Method):
     """A method applied layer by layer inside the walk."""
 
+    def prepare(self, model: torch.nn.Module) -> Any:
+        """Called once with the whole model before the walk (e.g. to plan every layer); fails fast."""
+
     def groups(self, layer: torch.nn.Module, index: int) -> list[Group]:
         """The groups to observe and apply in order for decoder layer ``index``."""
         raise NotImplementedError(f"{type(self).__name__} must define groups()")

@@ -22,6 +22,8 @@ class SlimGPTConfig:
     ffn_batch: int = config_field(64, "Dynamic Group Size: batch of FFN channels after the first.")
     prune_attention: bool = config_field(True, "Prune attention heads (else only FFN channels).")
     obs_dtype: str = config_field("float64", "Precision of the OBS solves: float64 or float32.")
+    ffn_multiple: int = config_field(1, "Keep a multiple of this many FFN channels per layer (e.g. the group "
+                                        "size of a later quantization stage, which must divide down_proj's input).")
 
     def __post_init__(self):
         if not 0.0 < self.ratio < 1.0:
@@ -36,5 +38,7 @@ class SlimGPTConfig:
             raise ConfigError(f"field 'gqa_unit' must be 'query' or 'kv', got {self.gqa_unit!r}")
         if self.ffn_first_cap < 0 or self.ffn_batch <= 0:
             raise ConfigError("fields 'ffn_first_cap' must be ≥ 0 and 'ffn_batch' > 0")
+        if self.ffn_multiple < 1:
+            raise ConfigError(f"field 'ffn_multiple' must be a positive integer, got {self.ffn_multiple}")
         if self.obs_dtype not in ("float64", "float32"):
             raise ConfigError(f"field 'obs_dtype' must be float64 or float32, got {self.obs_dtype!r}")

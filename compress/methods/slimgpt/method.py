@@ -57,7 +57,8 @@ class SlimGPT(LayerMethod):
         """Plan every layer from the model's widths; raises CompressError if a layer would be emptied."""
         self.shapes = model_shapes(model)
         self.plans = plan_model(self.shapes, self.config.ratio, self.config.schedule, self.config.min_scale,
-                                self.config.gqa_unit, self.config.prune_attention)
+                                self.config.gqa_unit, self.config.prune_attention,
+                                self.config.ffn_multiple)
         return self.plans
 
     def _plan(self, index: int) -> LayerPlan:

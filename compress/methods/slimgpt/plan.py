@@ -6,7 +6,9 @@ pruned in whole units — under grouped-query attention either one query head fr
 ("query": q rows and o columns) or one whole KV group ("kv": its query heads plus its k and v rows);
 without GQA a unit is one head with its key and value. The attention loses round(r_i · units) units
 (SlimGPT prunes heads and channels at the same ratio) and the FFN takes the rest, to the channel,
-so every layer meets its ratio up to one channel whatever the head granularity.
+so every layer meets its ratio up to one channel whatever the head granularity (up to half of
+``ffn_multiple`` channels when the kept FFN width is rounded to a multiple of it, so that a later
+quantization group size divides it).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class LayerPlan:
         return asdict(self)
 
 
-def plan_layer(ratio: float, shape: LayerShape, unit: str, prune_attention: bool = True, index: int = 0) -> LayerPlan:
+def plan_layer(ratio: float, shape: LayerShape, unit: str, prune_attention: bool = True, index: int = 0,
+               ffn_multiple: int = 1) -> LayerPlan:
     groups = shape.heads // shape.kv_heads  # query heads per KV head
     if groups == 1:
         unit = "kv"  # no GQA: a head goes with its own key and value
@@ -58,6 +61,10 @@ def plan_layer(ratio: float, shape: LayerShape, unit: str, prune_attention: bool
         units -= 1
         channels = round((target - units * unit_cost) / (3 * shape.hidden))
     channels = max(channels, 0)
+    if ffn_multiple > 1:  # keep a multiple of ffn_multiple channels (e.g. a quantization group size)
+        kept = min(max(round((shape.ffn - channels) / ffn_multiple), 1) * ffn_multiple,
+                   shape.ffn // ffn_multiple * ffn_multiple)
+        channels = shape.ffn - kept
     if ratio >= 1.0 or channels >= shape.ffn:
         raise CompressError(f"layer {index} would be emptied: its pruning ratio is {ratio:.3f} "
                             f"(after its attention heads it would need to lose {channels} of its {shape.ffn} FFN channels); "
@@ -70,11 +77,11 @@ def plan_layer(ratio: float, shape: LayerShape, unit: str, prune_attention: bool
 
 
 def plan_model(shapes: list[LayerShape], target: float, schedule: str, min_scale: float, unit: str,
-               prune_attention: bool = True) -> list[LayerPlan]:
+               prune_attention: bool = True, ffn_multiple: int = 1) -> list[LayerPlan]:
     """Per-layer plans whose ratios have the parameter-weighted mean ``target``; raises before any work
     when a layer would be emptied."""
     ratios = layer_ratios(target, [s.prunable for s in shapes], schedule, min_scale)
-    return [plan_layer(r, s, unit, prune_attention, i) for i, (r, s) in enumerate(zip(ratios, shapes))]
+    return [plan_layer(r, s, unit, prune_attention, i, ffn_multiple) for i, (r, s) in enumerate(zip(ratios, shapes))]
 
 
 def removed_parameters(shape: LayerShape, plan: LayerPlan) -> int:
