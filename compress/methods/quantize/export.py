@@ -137,7 +137,8 @@ def _single_grid(quantized: dict) -> QuantParams:
     return next(iter(quantized.values()))[1]
 
 
-def save_compressed_tensors(model, tokenizer, out, record: dict, source_path=None, force: bool = False) -> Path:
+def save_compressed_tensors(model, tokenizer, out, record: dict, source_path=None, force: bool = False,
+                            extra_files: dict[str, str] | None = None) -> Path:
     quantized = quantized_linears(model)
     first = _single_grid(quantized)
     ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
@@ -148,6 +149,8 @@ def save_compressed_tensors(model, tokenizer, out, record: dict, source_path=Non
             for key, tensor in compressed_tensors_state(module, params, scheme).items():
                 state[f"{name}.{key}"] = tensor
         _save_common(model, tokenizer, tmp, state, qconfig)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         write_record(tmp, record)
     return Path(out).expanduser().resolve()
 
@@ -167,7 +170,7 @@ def gptq_quantize_config(params: QuantParams, act_order: bool, sequential: bool,
 
 
 def save_gptq(model, tokenizer, out, record: dict, source_path=None, force: bool = False, act_order: bool = False,
-              sequential: bool = True, damp: float = 0.01) -> Path:
+              sequential: bool = True, damp: float = 0.01, extra_files: dict[str, str] | None = None) -> Path:
     quantized = quantized_linears(model)
     first = _single_grid(quantized)
     qconfig = gptq_quantize_config(first, act_order, sequential, damp)
@@ -179,6 +182,8 @@ def save_gptq(model, tokenizer, out, record: dict, source_path=None, force: bool
             if module.bias is not None:
                 state[f"{name}.bias"] = module.bias.detach().half()
         _save_common(model, tokenizer, tmp, state, qconfig)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         (tmp / "quantize_config.json").write_text(json.dumps(qconfig, indent=2) + "\n")
         write_record(tmp, record)
     return Path(out).expanduser().resolve()

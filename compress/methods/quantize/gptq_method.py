@@ -11,7 +11,7 @@ from compress.methods.quantize.config import SEQUENTIAL_GROUPS, GPTQConfig
 from compress.methods.quantize.gptq import GPTQ, CholeskyFailed, output_error
 from compress.methods.quantize.grid import rtn_quantize
 from compress.methods.quantize.rtn import set_quantized, weight_error
-from compress.methods.quantize.targets import layer_targets
+from compress.methods.quantize.targets import check_group_size, layer_targets
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ class GPTQMethod(LayerMethod):
     def groups(self, layer, index):
         order = [n for group in SEQUENTIAL_GROUPS for n in group]
         names = layer_targets(layer, index, self.config.ignore, order)
+        check_group_size(layer, index, names, self.config.group_size, self.name)
         if not self.config.sequential:
             return [Group(names, name="all")] if names else []
         groups = [[n for n in group if n in names] for group in SEQUENTIAL_GROUPS]

@@ -7,7 +7,7 @@ import torch
 from compress.methods.base import Group, LayerMethod, register
 from compress.methods.quantize.config import RTNConfig
 from compress.methods.quantize.grid import QuantParams, few_threads, rtn_quantize
-from compress.methods.quantize.targets import layer_targets
+from compress.methods.quantize.targets import check_group_size, layer_targets
 
 
 def set_quantized(module: torch.nn.Linear, params: QuantParams) -> torch.Tensor:
@@ -32,6 +32,7 @@ class RTN(LayerMethod):
 
     def groups(self, layer, index):
         names = layer_targets(layer, index, self.config.ignore)
+        check_group_size(layer, index, names, self.config.group_size, self.name)
         return [Group(names, stats="none", name="rtn")] if names else []
 
     @torch.no_grad()

@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from compress.errors import ConfigError
+from compress.errors import CompressError, ConfigError
 
 
 def matches(pattern: str, name: str) -> bool:
@@ -41,3 +41,16 @@ def layer_targets(layer: torch.nn.Module, index: int, patterns: list[str], order
         ranked = {n: k for k, n in enumerate(order)}
         names.sort(key=lambda n: ranked.get(n, len(ranked)))
     return [n for n in names if not is_ignored(f"model.layers.{index}.{n}", patterns)]
+
+
+def check_group_size(layer: torch.nn.Module, index: int, names: list[str], group_size: int, method: str) -> None:
+    """Each group must divide its module's input width; checked per layer, as an earlier stage of the same
+    walk (structured pruning) may have changed the widths since the walk started."""
+    if group_size == -1:
+        return
+    for name in names:
+        width = layer.get_submodule(name).in_features
+        if width % group_size:
+            raise CompressError(f"{method}: group_size {group_size} does not divide the input width {width} of "
+                                f"model.layers.{index}.{name}; choose a group size that divides every width "
+                                "(-1: per channel), or prune to multiples of it (slimgpt: ffn_multiple)")
