@@ -20,6 +20,7 @@ COMMANDS = [
     "compress.cli.eval_cmd",
     "compress.cli.prune_cmd",
     "compress.cli.quantize_cmd",
+    "compress.cli.run_cmd",
     "compress.cli.transfer_cmd",
 ]
 
