@@ -368,16 +368,20 @@ def run_recipe(recipe: Recipe, out: str, *, force: bool = False, device: str = "
 
 
 def _export_format(fmt: str, model) -> str:
-    from compress.methods.quantize.export import quantized_linears
+    from compress.methods.quantize.export import check_exportable, quantized_linears
 
     quantized = bool(quantized_linears(model))
-    if fmt == "auto":
-        return "compressed-tensors" if quantized else "safetensors"
+    if fmt == "auto" and not quantized:
+        return "safetensors"
     if fmt in ("compressed-tensors", "gptq") and not quantized:
         raise CompressError(f"export format {fmt} needs quantized weights, but no stage quantized the model; "
                             "use format safetensors (or auto)")
     if fmt == "safetensors" and quantized:
         raise CompressError("the model is quantized; export it as compressed-tensors or gptq, not safetensors")
+    if quantized:
+        fmt = "compressed-tensors" if fmt == "auto" else fmt
+        for name, (_, params) in quantized_linears(model).items():  # shapes the format can hold
+            check_exportable(model, [name], params.bits, params.group_size, fmt)
     return fmt
 
 

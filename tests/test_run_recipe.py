@@ -192,3 +192,14 @@ def test_eval_settings_are_checked_before_the_walk(tiny_model_folder, tmp_path, 
                                       eval={"perplexity": {"data": str(text), "seqlen": 4, "windows": 50}}))
     assert_one_line_error(run_cli("run", recipe_path), "--windows 50 asked for")
     assert not (tmp_path / "out").exists()
+
+
+def test_gptq_format_and_out_flag_override(tiny_model_folder, tmp_path):
+    recipe_path = tmp_path / "r.yaml"
+    write(recipe_path, stacked_recipe(tiny_model_folder, out=str(tmp_path / "ignored"), export={"format": "gptq"}))
+    out = tmp_path / "flag"
+    result = run_cli("run", recipe_path, "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert not (tmp_path / "ignored").exists()
+    assert json.loads((out / "quantize_config.json").read_text())["desc_act"] is True
+    assert json.loads((out / "compress.json").read_text())["format"] == "gptq"
