@@ -39,11 +39,14 @@ class TensorStats:
         if base is None:
             self.has_base = False
             base = target
-        self.base_sq += float(base.square().sum())
-        self.delta_sq += float(delta.square().sum())
-        self.drift_sq += float((target - base).square().sum())
-        self.target_sq += float(target.square().sum())
-        self.target_dot_base += float((target * base).sum())
+        # Dot products of flat views: one pass each, no squared temporaries.
+        base, target, delta = base.reshape(-1), target.reshape(-1), delta.reshape(-1)
+        self.base_sq += float(torch.dot(base, base))
+        self.delta_sq += float(torch.dot(delta, delta))
+        drift = target - base
+        self.drift_sq += float(torch.dot(drift, drift))
+        self.target_sq += float(torch.dot(target, target))
+        self.target_dot_base += float(torch.dot(target, base))
 
     def row(self) -> dict:
         base = math.sqrt(self.base_sq)
