@@ -70,4 +70,5 @@ def test_recipes_validate(recipe):
     for stage in data["stages"]:
         cls = get_method(stage["method"])
         config = make_config(cls.Config, stage.get("options", {}), where=f"{recipe.name}: {stage['method']}")
-        assert config.bits == 4
+        if stage["method"] in ("gptq", "rtn"):  # stacking recipes also hold a pruning stage
+            assert config.bits == 4
