@@ -163,7 +163,14 @@ def main() -> None:
         print("RESULT " + json.dumps(base_accuracy(args)))
         return
     ranks = matched_ranks(args.r, args.first_layer)
-    forwarded = [a for a in sys.argv[1:] if not a.startswith("--out")]
+    forwarded, skip = [], False  # the children get every flag but --out (as "--out X" or "--out=X")
+    for a in sys.argv[1:]:
+        if skip or a.startswith("--out="):
+            skip = False
+        elif a == "--out":
+            skip = True
+        else:
+            forwarded.append(a)
     base_acc = _child(forwarded + ["--base"])
     results = []
     for method in args.methods.split(","):
