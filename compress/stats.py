@@ -21,30 +21,49 @@ class HessianAccumulator:
                  gram: bool = True):
         self.in_features = in_features
         self.dtype = dtype
-        self.xtx = torch.zeros(in_features, in_features, device=device, dtype=dtype) if gram else None
+        # Only the lower block triangle of Σ xᵀx is accumulated (column blocks of ``block`` columns,
+        # each against the rows from its first column down): about 40 % fewer flops for the same
+        # sums; ``xtx`` mirrors it into the full symmetric matrix when read.
+        self._lower = torch.zeros(in_features, in_features, device=device, dtype=dtype) if gram else None
+        self.block = (1024 if torch.device(device).type == "cuda" else 192) if in_features >= 384 else in_features
         self.sq = torch.zeros(in_features, device=device, dtype=dtype)
         self.count = 0  # number of token rows seen
+
+    @property
+    def xtx(self) -> torch.Tensor | None:
+        """Σ xᵀx (in × in), symmetric."""
+        if self._lower is None:
+            return None
+        lower = self._lower.tril()
+        return lower + lower.tril(-1).t()
 
     def add_batch(self, inp: torch.Tensor) -> None:
         """Add inputs of shape (..., in_features)."""
         x = inp.reshape(-1, inp.shape[-1]).to(self.sq.device, self.dtype)  # (tokens, in)
         if x.shape[1] != self.in_features:
             raise ValueError(f"input width {x.shape[1]} != {self.in_features}")
-        if self.xtx is not None:
-            self.xtx.addmm_(x.t(), x)
-        self.sq += x.pow(2).sum(0)
+        if self._lower is not None:
+            if self.block >= self.in_features:
+                self._lower.addmm_(x.t(), x)
+            else:
+                for i in range(0, self.in_features, self.block):  # strided views: BLAS reads them as is
+                    j = min(i + self.block, self.in_features)
+                    self._lower[i:, i:j].addmm_(x[:, i:].t(), x[:, i:j])
+        else:  # with the Gram matrix, Σ x² is its diagonal (read in channel_norms)
+            self.sq += x.pow(2).sum(0)
         self.count += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
         """H = 2/N Σ xᵀx, the form GPTQ and SlimGPT use (in × in)."""
-        if self.xtx is None:
+        if self._lower is None:
             raise RuntimeError("this accumulator keeps only channel norms")
-        return self.xtx * (2.0 / max(self.count, 1))
+        return self.xtx.mul_(2.0 / max(self.count, 1))
 
     def channel_norms(self) -> torch.Tensor:
         """‖X_j‖₂ over all tokens for every input channel j (Wanda's activation norm)."""
-        return self.sq.sqrt()
+        sq = self._lower.diagonal() if self._lower is not None else self.sq
+        return sq.clamp_min(0).sqrt()
 
     def free(self) -> None:
-        self.xtx = None
+        self._lower = None
         self.sq = None

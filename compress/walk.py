@@ -36,6 +36,7 @@ from compress.errors import CompressError
 from compress.methods.base import Group, LayerMethod
 from compress.models import decoder_layers
 from compress.progress import bar
+from compress.staged import StagedForward, check_layer, group_point
 from compress.stats import HessianAccumulator
 
 log = logging.getLogger(__name__)
@@ -246,30 +247,50 @@ def _atomic_save(tensors: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def fingerprint(model: torch.nn.Module, tokens: torch.Tensor, methods: Sequence[LayerMethod], batch_size: int) -> str:
+def fingerprint(model: torch.nn.Module, tokens: torch.Tensor, methods: Sequence[LayerMethod], batch_size: int,
+                staged: bool = True) -> str:
     """Identify a run: the tokens, the method configs, the batch split and the model's shape and weights."""
     digest = hashlib.sha256()
     digest.update(tokens.numpy().tobytes())
     digest.update(repr([(m.name, repr(m.config)) for m in methods]).encode())
     digest.update(str(batch_size).encode())
+    digest.update(b"staged" if staged else b"plain")  # the two paths round differently
     digest.update(repr(model.config.to_dict()).encode())
     for p in list(model.parameters())[:4]:
         digest.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
+class _StagingCheck:
+    """Checks once per walk, on the first layer that asks, that the staged forward matches the layer's."""
+
+    def __init__(self):
+        self.result: bool | None = None
+
+    def ok(self, layer: torch.nn.Module, inputs: LayerInputs, device: torch.device) -> bool:
+        if self.result is None:
+            self.result, reason = check_layer(layer, inputs.hidden[0], inputs.kwargs[0], device)
+            if not self.result:
+                log.info("staged forward not used (%s); every group re-runs the layer", reason)
+        return self.result
+
+
 def walk(model: torch.nn.Module, tokens: torch.Tensor, methods: Sequence[LayerMethod] = (), *,
          device: str | torch.device = "auto", batch_size: int = 8, state_dir: str | os.PathLike | None = None,
          stats_dtype: torch.dtype = torch.float32,
          on_layer_done: Callable[[int, torch.nn.Module], None] | None = None,
-         keep_hidden: bool = False) -> WalkResult:
+         keep_hidden: bool = False, staged: bool = True) -> WalkResult:
     """Walk ``model``'s decoder layers over ``tokens`` (N, L), applying ``methods`` in order.
 
     The model stays on the host; each layer visits ``device`` in turn. Returns per-layer records.
+    ``staged`` lets stageable methods (GPTQ, RTN) observe their groups with a staged forward that runs
+    each part of a LLaMA-style layer once (compress.staged); off, every group re-runs the layer.
     ``on_layer_done(index, layer)`` is called after each layer is compressed, propagated and saved.
     ``keep_hidden`` keeps the last layer's outputs (before the final norm) in the result.
     """
     device = resolve_device(device)
+    use_staged = staged
+    staging = _StagingCheck()
     if tokens.ndim != 2 or tokens.numel() == 0:
         raise CompressError(f"calibration tokens must be a non-empty (samples, seqlen) tensor, got {tuple(tokens.shape)}")
     start_time = time.perf_counter()
@@ -277,7 +298,7 @@ def walk(model: torch.nn.Module, tokens: torch.Tensor, methods: Sequence[LayerMe
     use_cache = model.config.use_cache
     model.config.use_cache = False
     layers = decoder_layers(model)
-    state = WalkState(Path(state_dir), fingerprint(model, tokens, methods, batch_size)) if state_dir else None
+    state = WalkState(Path(state_dir), fingerprint(model, tokens, methods, batch_size, staged)) if state_dir else None
     meta = state.load() if state else None
     inputs = capture_inputs(model, tokens, device, batch_size)
     result = WalkResult()
@@ -294,14 +315,31 @@ def walk(model: torch.nn.Module, tokens: torch.Tensor, methods: Sequence[LayerMe
         for index in range(first, len(layers)):
             layer = layers[index].to(device)
             record: dict = {"layer": index}
+            staged = None  # the staged forward of the current method, while its groups allow one
             for method in methods:
+                staged = None  # progress cached for another method's groups is stale now
                 for group in method.groups(layer, index):
-                    stats = observe_group(layer, group, inputs, device, stats_dtype) if group.stats != "none" else {}
+                    point = group_point(group) if (use_staged and method.stageable) else None
+                    if staged is not None and (point is None or point < staged.point):
+                        staged = None  # a group out of the chain's order: back to the plain path
+                    if group.stats == "none":
+                        stats = {}
+                    else:
+                        if staged is None and point is not None and staging.ok(layer, inputs, device):
+                            staged = StagedForward(layer, inputs.hidden, inputs.kwargs, device)
+                        if staged is not None:
+                            stats = staged.observe(group, point, stats_dtype)
+                        else:
+                            stats = observe_group(layer, group, inputs, device, stats_dtype)
                     out = method.apply(layer, index, group, stats)
                     if out:
                         record.setdefault(method.name, {}).update(out)
                     del stats
-            propagate(layer, inputs, device)
+            if staged is not None:  # the last method ran staged: its last advance is the propagation
+                inputs.hidden[:] = staged.finish()
+            else:
+                propagate(layer, inputs, device)
+            del staged
             layers[index] = layer.to("cpu")
             result.records.append(record)
             if state:

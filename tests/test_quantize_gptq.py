@@ -117,3 +117,22 @@ def test_sequential_groups_follow_gptq_order():
     assert [g.modules for g in method.groups(layer, 0)] == [
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
         ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_stacked_rows_quantize_as_each_matrix_alone(act_order):
+    """q/k/v (and gate/up) share one Hessian and are quantized as one stacked matrix: GPTQ treats rows
+    independently given H, so each block of rows gets the codes and grid it gets on its own."""
+    torch.manual_seed(2)
+    x = correlated_inputs(512, 64, seed=5)
+    h = 2.0 / x.shape[0] * x.t() @ x
+    parts = [torch.randn(rows, 64) * 0.05 for rows in (32, 16, 16)]
+    cfg = GPTQConfig(bits=3, group_size=16, act_order=act_order)
+    stacked, _ = GPTQ(torch.cat(parts), h).quantize(cfg)
+    start = 0
+    for part in parts:
+        alone, _ = GPTQ(part, h).quantize(cfg)
+        rows = stacked.rows(start, start + part.shape[0])
+        assert torch.equal(rows.codes, alone.codes) and torch.equal(rows.scale, alone.scale)
+        assert torch.equal(rows.zero, alone.zero) and torch.equal(rows.g_idx, alone.g_idx)
+        start += part.shape[0]

@@ -6,15 +6,18 @@ import torch
 from compress.stats import HessianAccumulator
 
 
+@pytest.mark.parametrize("width", [48, 500])  # 500: the lower-block-triangle path, blocks 192/192/116
 @pytest.mark.parametrize("splits", [[300], [1, 299], [100, 100, 100], [7, 64, 129, 100]])
-def test_hessian_equals_dense_float64_whatever_the_batch_split(splits):
-    x = torch.randn(sum(splits), 48, generator=torch.Generator().manual_seed(0)) * 3 + 0.5
-    acc = HessianAccumulator(48)
+def test_hessian_equals_dense_float64_whatever_the_batch_split(splits, width):
+    x = torch.randn(sum(splits), width, generator=torch.Generator().manual_seed(0)) * 3 + 0.5
+    acc = HessianAccumulator(width)
+    assert (acc.block < width) == (width == 500)
     for chunk in torch.split(x, splits):
-        acc.add_batch(chunk.reshape(1, -1, 48))  # (1, tokens, in) like a layer input
+        acc.add_batch(chunk.reshape(1, -1, width))  # (1, tokens, in) like a layer input
     dense = x.double().t() @ x.double()
     rel = (acc.xtx.double() - dense).norm() / dense.norm()
     assert rel.item() <= 1e-6
+    assert torch.equal(acc.xtx, acc.xtx.t())
     assert acc.count == x.shape[0]
     expected = 2 * dense / x.shape[0]
     assert ((acc.hessian().double() - expected).norm() / expected.norm()).item() <= 1e-6

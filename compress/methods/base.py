@@ -56,6 +56,11 @@ class Method:
 class LayerMethod(Method):
     """A method applied layer by layer inside the walk."""
 
+    # True when ``apply`` changes nothing but the weights of the group it is given, in place and keeping
+    # their shapes: the walk may then observe the groups with a staged forward (compress.staged) that
+    # runs each part of the layer once, instead of re-running the layer from its start for every group.
+    stageable: ClassVar[bool] = False
+
     def prepare(self, model: torch.nn.Module) -> Any:
         """Called once with the whole model before the walk (e.g. to plan every layer); fails fast."""
 

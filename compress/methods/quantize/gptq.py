@@ -14,7 +14,7 @@ import logging
 import torch
 
 from compress.methods.quantize.grid import (
-    QuantParams, few_threads, fit_grid, group_grids, max_code, search_options, static_g_idx,
+    QuantParams, fit_grid, group_grids, max_code, search_options, static_g_idx,
 )
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,6 @@ class GPTQ:
 
     @torch.no_grad()
     def quantize(self, config) -> tuple[QuantParams, dict]:
-        with few_threads(self.weight.device):
-            return self._quantize(config)
-
-    def _quantize(self, config) -> tuple[QuantParams, dict]:
         bits, size, maxq = config.bits, config.group_size, max_code(config.bits)
         w = self.weight.detach().float().clone()  # (out, in)
         out, width = w.shape
@@ -115,8 +111,8 @@ class GPTQ:
 
 def output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
     """Relative layer-output error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) = ‖ΔW X‖² / ‖W X‖²."""
-    delta = (quantized.double() - weight.double())
-    h = hessian.double()
-    num = ((delta @ h) * delta).sum()
-    den = ((weight.double() @ h) * weight.double()).sum().clamp_min(1e-30)
+    weight, h = weight.float(), hessian.float()
+    delta = quantized.float() - weight
+    num = ((delta @ h) * delta).sum(dtype=torch.float64)
+    den = ((weight @ h) * weight).sum(dtype=torch.float64).clamp_min(1e-30)
     return (num / den).item()

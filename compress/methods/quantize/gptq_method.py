@@ -21,6 +21,7 @@ class GPTQMethod(LayerMethod):
     name = "gptq"
     help = "GPTQ weight quantization (2/3/4/8 bits, groups, sym/asym, act-order) with Hessian error feedback."
     Config = GPTQConfig
+    stageable = True
 
     def groups(self, layer, index):
         order = [n for group in SEQUENTIAL_GROUPS for n in group]
@@ -34,23 +35,35 @@ class GPTQMethod(LayerMethod):
 
     @torch.no_grad()
     def apply(self, layer, index, group, stats):
+        """Quantize the group's modules; modules that share one accumulator (q/k/v, gate/up: the same
+        input) are quantized as one stacked matrix, which gives each row exactly what it would get alone
+        (GPTQ treats rows independently given H) with one Cholesky and one column loop."""
         record = {}
+        clusters: dict[int, list[str]] = {}
         for name in group.modules:
-            module = layer.get_submodule(name)
-            hessian = stats[name].hessian()
-            original = module.weight.detach().float().clone()
+            clusters.setdefault(id(stats[name]), []).append(name)
+        for names in clusters.values():
+            modules = [layer.get_submodule(n) for n in names]
+            hessian = stats[names[0]].hessian()
+            original = torch.cat([m.weight.detach().float() for m in modules])  # (Σ out, in)
+            label = "+".join(names)
             try:
                 params, info = GPTQ(original, hessian).quantize(self.config)
                 fallback = None
             except CholeskyFailed as exc:
-                log.warning("layer %d %s: %s; falling back to round-to-nearest", index, name, exc)
+                log.warning("layer %d %s: %s; falling back to round-to-nearest", index, label, exc)
                 params, info, fallback = rtn_quantize(original, self.config), {"damp": None}, "rtn"
             if not torch.isfinite(params.scale).all():  # never write NaN weights
-                log.warning("layer %d %s: non-finite GPTQ grid; falling back to round-to-nearest", index, name)
+                log.warning("layer %d %s: non-finite GPTQ grid; falling back to round-to-nearest", index, label)
                 params, fallback = rtn_quantize(original, self.config), "rtn"
-            quantized = set_quantized(module, params)
-            record[name] = {"output_err": output_error(original, quantized.float(), hessian),
-                            "weight_err": weight_error(original, quantized), "damp": info["damp"]}
-            if fallback:
-                record[name]["fallback"] = fallback
+            start = 0
+            for name, module in zip(names, modules):
+                stop = start + module.out_features
+                weight = original[start:stop]
+                quantized = set_quantized(module, params.rows(start, stop))
+                record[name] = {"output_err": output_error(weight, quantized.float(), hessian),
+                                "weight_err": weight_error(weight, quantized), "damp": info["damp"]}
+                if fallback:
+                    record[name]["fallback"] = fallback
+                start = stop
         return record

@@ -11,27 +11,11 @@ float32 scales of compressed-tensors describe exactly the same weights as the in
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 FP16_MIN_NORMAL = 2.0 ** -14
-
-
-@contextmanager
-def few_threads(device: torch.device):
-    """One CPU thread for GPTQ: its column-loop ops are tiny, and on a shared CPU the threads' hand-offs
-    cost several times the arithmetic (measured 6× slower with 2 threads on 2 busy cores)."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -45,6 +29,11 @@ class QuantParams:
     bits: int
     group_size: int  # -1: one group per output row
     sym: bool
+
+    def rows(self, start: int, stop: int) -> "QuantParams":
+        """The grid of output rows [start, stop) (modules quantized together, exported apart)."""
+        return QuantParams(self.codes[start:stop].clone(), self.scale[start:stop].clone(),
+                           self.zero[start:stop].clone(), self.g_idx.clone(), self.bits, self.group_size, self.sym)
 
     def dequantize(self) -> torch.Tensor:
         """ŵ = (q − z) · s, (out, in) float32."""
@@ -60,11 +49,19 @@ def _round_scale(scale: torch.Tensor) -> torch.Tensor:
     return scale.clamp_min(FP16_MIN_NORMAL).half().float()
 
 
-def minmax_grid(w: torch.Tensor, bits: int, sym: bool, shrink: float | torch.Tensor = 1.0):
-    """Scale and zero point of each row of ``w`` (rows, cols) from its (shrunk) range; (rows,) each."""
+def row_range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min(w, 0), max(w, 0)) of every row of ``w`` (rows, cols)."""
+    return w.min(dim=1).values.clamp_max(0), w.max(dim=1).values.clamp_min(0)
+
+
+def minmax_grid(w: torch.Tensor, bits: int, sym: bool, shrink: float | torch.Tensor = 1.0,
+                range_: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Scale and zero point of each row of ``w`` (rows, cols) from its (shrunk) range; (rows,) each.
+
+    ``range_`` is ``row_range(w)`` when the caller already has it."""
     maxq = max_code(bits)
-    lo = w.min(dim=1).values.clamp_max(0) * shrink
-    hi = w.max(dim=1).values.clamp_min(0) * shrink
+    lo, hi = range_ if range_ is not None else row_range(w)
+    lo, hi = lo * shrink, hi * shrink
     if sym:
         hi = torch.maximum(lo.abs(), hi)
         scale = _round_scale(2 * hi / maxq)
@@ -95,13 +92,14 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool, clip_search: bool = False, g
     a finer step for all other weights.
     """
     w = w.float()
-    scale, zero = minmax_grid(w, bits, sym)
+    range_ = row_range(w)
+    scale, zero = minmax_grid(w, bits, sym, range_=range_)
     if not clip_search or grid <= 1:
         return scale, zero
     best = (fake_quantize(w, scale[:, None], zero[:, None], bits) - w).abs().pow(norm).sum(1)
     for k in range(1, grid):
         shrink = 1.0 - (1.0 - clip_min) * k / (grid - 1)
-        s, z = minmax_grid(w, bits, sym, shrink)
+        s, z = minmax_grid(w, bits, sym, shrink, range_=range_)
         err = (fake_quantize(w, s[:, None], z[:, None], bits) - w).abs().pow(norm).sum(1)
         better = err < best
         best = torch.where(better, err, best)

@@ -6,7 +6,7 @@ import torch
 
 from compress.methods.base import Group, LayerMethod, register
 from compress.methods.quantize.config import RTNConfig
-from compress.methods.quantize.grid import QuantParams, few_threads, rtn_quantize
+from compress.methods.quantize.grid import QuantParams, rtn_quantize
 from compress.methods.quantize.targets import check_group_size, layer_targets
 
 
@@ -29,6 +29,7 @@ class RTN(LayerMethod):
     name = "rtn"
     help = "Round-to-nearest integer weight quantization (2/3/4/8 bits, groups, sym/asym)."
     Config = RTNConfig
+    stageable = True
 
     def groups(self, layer, index):
         names = layer_targets(layer, index, self.config.ignore)
@@ -41,8 +42,7 @@ class RTN(LayerMethod):
         for name in group.modules:
             module = layer.get_submodule(name)
             original = module.weight.detach().float().clone()
-            with few_threads(original.device):
-                params = rtn_quantize(original, self.config)
+            params = rtn_quantize(original, self.config)
             quantized = set_quantized(module, params)
             record[name] = {"weight_err": weight_error(original, quantized)}
         return record
