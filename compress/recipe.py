@@ -429,11 +429,12 @@ def export_model(model, tokenizer, out, record: dict, fmt: str, source, force: b
 
 
 def _gptq_options(record: dict) -> dict:
-    """act_order / sequential / damp for quantize_config.json from the last stage whose config has them."""
+    """act_order / sequential / damp / static_groups for quantize_config.json from the last stage whose
+    config has them."""
     options = {}
     for stage in record["stages"]:
         cfg = stage["config"]
-        for key in ("act_order", "sequential", "damp"):
+        for key in ("act_order", "sequential", "damp", "static_groups"):
             if hasattr(cfg, key):
                 options[key] = getattr(cfg, key)
     return options

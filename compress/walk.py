@@ -13,7 +13,8 @@ Only one decoder layer is on the compute device at a time; the activations live 
 * device ≈ one layer + its statistics (in² · 4 bytes per observed input width) + one batch's
   intermediates (b·L·max(H, FFN)·4 plus the attention scores of one batch)
 
-for N samples of L tokens and hidden size H. With ``state_dir`` set the walk is resumable: after
+for N samples of L tokens and hidden size H; a method that runs staged (compress.staged: GPTQ, RTN)
+adds up to N·L·(H + FFN) activations on the host while a layer is in progress. With ``state_dir`` set the walk is resumable: after
 each layer it writes the compressed layers so far, the next layer's inputs and the records, and a
 later call with the same arguments continues from there and ends with the same weights.
 """
@@ -262,17 +263,19 @@ def fingerprint(model: torch.nn.Module, tokens: torch.Tensor, methods: Sequence[
 
 
 class _StagingCheck:
-    """Checks once per walk, on the first layer that asks, that the staged forward matches the layer's."""
+    """Checks once per walk and layer class (hybrid models mix them), on the first such layer that asks,
+    that the staged forward matches the layer's own."""
 
     def __init__(self):
-        self.result: bool | None = None
+        self.results: dict[type, bool] = {}
 
     def ok(self, layer: torch.nn.Module, inputs: LayerInputs, device: torch.device) -> bool:
-        if self.result is None:
-            self.result, reason = check_layer(layer, inputs.hidden[0], inputs.kwargs[0], device)
-            if not self.result:
-                log.info("staged forward not used (%s); every group re-runs the layer", reason)
-        return self.result
+        kind = type(layer)
+        if kind not in self.results:
+            self.results[kind], reason = check_layer(layer, inputs.hidden[0], inputs.kwargs[0], device)
+            if not self.results[kind]:
+                log.info("staged forward not used for %s (%s); every group re-runs the layer", kind.__name__, reason)
+        return self.results[kind]
 
 
 def walk(model: torch.nn.Module, tokens: torch.Tensor, methods: Sequence[LayerMethod] = (), *,

@@ -8,8 +8,14 @@ made by evaluation/peers/llmcompressor_gptq.py in its own venv) is scored the sa
 
     python evaluation/bench_quantize.py --configs gptq:4:64,rtn:4:64 --peer DIR --peer-log LOG
 
-The CPU this runs on is shared with other jobs: wall times are noisy. Results are appended as JSON
-lines to ``--jsonl`` as they come, and the table is printed at the end.
+Peers in the same run: ``--peer-python PY`` runs evaluation/peers/llmcompressor_gptq.py with that
+interpreter (its own venv: evaluation/peers/install_llmcompressor.sh) on the very calibration tokens
+of this run, and ``--gptqmodel-python PY`` does the same with evaluation/peers/gptqmodel_gptq.py;
+their times are their own quantization calls (load and save excluded), their checkpoints are scored
+here like ours. ``--threads`` sets the torch threads of every process (peers included).
+
+Results are appended as JSON lines to ``--jsonl`` as they come, and the table is printed at the end.
+Wall times are only comparable between rows of one run on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +37,7 @@ import torch.nn.functional as F
 from compress.data import calibration_tokens, evaluation_stream
 from compress.methods.base import build_method
 from compress.methods.quantize.export import save_compressed_tensors
-from compress.models import load_model
+from compress.models import load_model, resolve_model_path
 from compress.walk import walk
 from evaluation.cost import bytes_on_disk
 
@@ -99,10 +108,18 @@ def main():
     parser.add_argument("--no-sequential", action="store_true")
     parser.add_argument("--peer", default=None, help="a peer's compressed-tensors checkpoint folder")
     parser.add_argument("--peer-log", default=None, help="the peer run's log, whose last JSON line has its seconds")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1 is fastest on a CPU shared with other jobs)")
+    parser.add_argument("--peer-python", default=None, help="python of the llm-compressor venv: run it here")
+    parser.add_argument("--gptqmodel-python", default=None, help="python of the GPTQModel venv: run it here")
+    parser.add_argument("--peer-group-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch CPU threads of this process and of the peers (default: all cores)")
     parser.add_argument("--jsonl", default="evaluation/results/quantize-smollm2.jsonl")
+    parser.add_argument("--render", default=None, metavar="JSONL",
+                        help="only print the markdown table of the rows in JSONL (each row with its own run's forward)")
     args = parser.parse_args()
+    if args.render:
+        render(args.render)
+        return
     torch.set_num_threads(args.threads)
 
     dense = load_model("smollm2-135m")
@@ -123,17 +140,54 @@ def main():
                      "mb": disk_size(loaded) / 1e6, "seconds": seconds})
         _emit(rows[-1], forward, args)
     if args.peer:
-        from transformers import AutoModelForCausalLM
-
-        peer = AutoModelForCausalLM.from_pretrained(args.peer, dtype=torch.float32).eval()
         seconds = float("nan")
         if args.peer_log:
             lines = [line for line in Path(args.peer_log).read_text().splitlines() if line.startswith("{")]
             seconds = json.loads(lines[-1])["seconds"] if lines else seconds
-        rows.append({"name": "llm-compressor GPTQModifier w4 g64", **score(peer, stream, 2048, args.windows, reference),
-                     "mb": bytes_on_disk(args.peer) / 1e6, "seconds": seconds})
+        rows.append(score_peer("llm-compressor GPTQModifier w4 g64", args.peer, args.peer, seconds, stream, reference, args))
         _emit(rows[-1], forward, args)
+    peers = [("llm-compressor GPTQModifier", args.peer_python, "llmcompressor_gptq.py"),
+             ("GPTQModel GPTQ", args.gptqmodel_python, "gptqmodel_gptq.py")]
+    for label, python, script in peers:
+        if python:
+            rows.append(run_peer(label, python, script, tokens, stream, reference, args))
+            _emit(rows[-1], forward, args)
     print_table(rows, forward, args)
+
+
+def score_peer(name, folder, weights_folder, seconds, stream, reference, args):
+    """Score a peer's checkpoint: ``weights_folder`` is what transformers loads here (the checkpoint
+    itself, or a dequantized copy the peer script wrote when its format needs the peer's loader)."""
+    from transformers import AutoModelForCausalLM
+
+    peer = AutoModelForCausalLM.from_pretrained(weights_folder, dtype=torch.float32).eval()
+    return {"name": name, **score(peer, stream, 2048, args.windows, reference),
+            "mb": bytes_on_disk(folder) / 1e6, "seconds": seconds}
+
+
+def run_peer(label, python, script, tokens, stream, reference, args):
+    """Run a peer script in its own interpreter on this run's tokens, then score its checkpoint."""
+    from safetensors.torch import save_file
+
+    work = Path(tempfile.mkdtemp(prefix="bench-peer-"))
+    try:
+        save_file({"tokens": tokens.contiguous()}, str(work / "tokens.safetensors"))
+        out = work / "out"
+        command = [python, str(Path(__file__).parent / "peers" / script), str(resolve_model_path("smollm2-135m")),
+                   str(work / "tokens.safetensors"), str(out), str(args.peer_group_size)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+        done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=work)  # peers may write logs to cwd
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            sys.stderr.write(done.stderr[-3000:])
+            raise SystemExit(f"peer {label} failed (exit {done.returncode})")
+        info = json.loads(lines[-1])
+        dequantized = out / "dequantized" if (out / "dequantized").is_dir() else out
+        row = score_peer(f"{label} w4 g{args.peer_group_size}", out, dequantized, info["seconds"], stream, reference, args)
+        row["peer_version"] = info.get("version")
+        return row
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _emit(row, forward, args):
@@ -155,6 +209,17 @@ def print_table(rows, forward, args):
     for r in rows:
         print(f"| {r['name']} | {r['ppl']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} | {r['mb']:.1f} | "
               f"{r['seconds']:.0f} | {r['seconds'] / forward:.2f} |")
+
+
+def render(path):
+    """Markdown table of every row of a JSON-lines file; ÷ forward uses the forward of the row's own run."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    print("| model | ppl@2048 | KL (nats) | top-1 | MB on disk | quantize s | ÷ forward |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ppl = f"{r['ppl']:.2f}" if r["ppl"] < 1e5 else f"{r['ppl']:.3g}"
+        print(f"| {r['name']} | {ppl} | {r['kl']:.4f} | {r['top1']:.3f} | {r['mb']:.1f} | {r['seconds']:.0f} | "
+              f"{r['seconds'] / r['forward_seconds']:.2f} |")
 
 
 if __name__ == "__main__":

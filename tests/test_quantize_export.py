@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from compress.methods.base import build_method
-from compress.methods.quantize.export import quantized_linears, save_compressed_tensors, save_gptq
+from compress.methods.quantize.config import RTNConfig
+from compress.methods.quantize.export import gptq_quantize_config, quantized_linears, save_compressed_tensors, save_gptq
+from compress.methods.quantize.grid import rtn_quantize
 from compress.methods.quantize.pack import pack_int32, unpack_int32
 from compress.walk import walk
 from tests.conftest import make_tiny_llama
@@ -108,3 +110,11 @@ def test_smollm2_compressed_tensors_reload_matches_in_memory(tmp_path):
     with torch.no_grad():
         theirs = reloaded(tokens).logits
     assert (theirs - ours).abs().max().item() <= 1e-4
+
+
+def test_gptq_quantize_config_states_the_grouping_that_was_used():
+    params = rtn_quantize(torch.randn(8, 32), RTNConfig(bits=4, group_size=16))
+    dynamic = gptq_quantize_config(params, act_order=False, sequential=True, damp=0.01, static_groups=False)
+    assert dynamic["static_groups"] is False and dynamic["desc_act"] is False
+    ordered = gptq_quantize_config(params, act_order=True, sequential=True, damp=0.01, static_groups=False)
+    assert ordered["static_groups"] is True and ordered["desc_act"] is True  # act-order forces static groups

@@ -110,7 +110,7 @@ def _save(loaded, fmt, out, record, path, force, config):
     if fmt == "gptq":
         return save_gptq(loaded.model, loaded.tokenizer, out, record, path, force,
                          act_order=getattr(config, "act_order", False), sequential=getattr(config, "sequential", True),
-                         damp=getattr(config, "damp", 0.0))
+                         damp=getattr(config, "damp", 0.0), static_groups=getattr(config, "static_groups", True))
     return save_compressed_tensors(loaded.model, loaded.tokenizer, out, record, path, force)
 
 

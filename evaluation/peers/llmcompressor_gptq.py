@@ -10,6 +10,7 @@ import json
 import sys
 import time
 
+import llmcompressor
 import torch
 from datasets import Dataset
 from llmcompressor import oneshot
@@ -32,4 +33,5 @@ seconds = time.perf_counter() - start
 model.save_pretrained(out_dir, save_compressed=True)
 tokenizer.save_pretrained(out_dir)
 print(json.dumps({"peer": "llm-compressor GPTQModifier", "seconds": seconds, "group_size": group,
-                  "samples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1])}))
+                  "samples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]),
+                  "version": llmcompressor.__version__, "threads": torch.get_num_threads()}))

@@ -163,17 +163,21 @@ def gptq_tensors(params: QuantParams) -> dict[str, torch.Tensor]:
             "g_idx": params.g_idx.to(torch.int32).contiguous()}
 
 
-def gptq_quantize_config(params: QuantParams, act_order: bool, sequential: bool, damp: float) -> dict:
-    return {"bits": params.bits, "group_size": params.group_size, "desc_act": act_order, "static_groups": True,
+def gptq_quantize_config(params: QuantParams, act_order: bool, sequential: bool, damp: float,
+                         static_groups: bool = True) -> dict:
+    """quantize_config.json; ``static_groups``: grids fitted before any update (always so with act_order)."""
+    return {"bits": params.bits, "group_size": params.group_size, "desc_act": act_order,
+            "static_groups": bool(static_groups or act_order),
             "sym": params.sym, "true_sequential": sequential, "damp_percent": damp, "lm_head": False,
             "quant_method": "gptq", "checkpoint_format": "gptq", "model_file_base_name": "model"}
 
 
 def save_gptq(model, tokenizer, out, record: dict, source_path=None, force: bool = False, act_order: bool = False,
-              sequential: bool = True, damp: float = 0.01, extra_files: dict[str, str] | None = None) -> Path:
+              sequential: bool = True, damp: float = 0.01, extra_files: dict[str, str] | None = None,
+              static_groups: bool = True) -> Path:
     quantized = quantized_linears(model)
     first = _single_grid(quantized)
-    qconfig = gptq_quantize_config(first, act_order, sequential, damp)
+    qconfig = gptq_quantize_config(first, act_order, sequential, damp, static_groups)
     with atomic_output(out, [source_path], force) as tmp:
         state = _base_state(model, quantized)
         for name, (module, params) in quantized.items():
