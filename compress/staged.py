@@ -14,9 +14,10 @@ weights as they are at that moment. Every part of the layer then runs once, and 
 yields the layer's output, which replaces the separate propagate forward.
 
 This is only correct for a method whose ``apply`` changes nothing but the weights of the group it was
-given, in place and keeping their shapes (``LayerMethod.stageable``): the progress already cached
-lies upstream of those modules. Pruning methods (which cut q/k/v rows when they prune o's columns)
-go through the plain re-forward path. A layer whose structure differs from the chain above (extra
+given (``LayerMethod.stageable``): the progress already cached lies upstream of those modules. A
+pruning method that cuts input columns of o_proj or down_proj (and the q/k/v or gate/up rows that
+feed them: SlimGPT) reports the kept columns (``LayerMethod.kept_inputs``) and the cached attention
+context or FFN activation is cut alike; a removed head or channel does not change the kept ones. A layer whose structure differs from the chain above (extra
 norms, parallel attention/MLP) is detected by :func:`check_layer`, which compares the staged result
 with the layer's own forward on one batch, and the walk falls back to the plain path.
 
@@ -167,6 +168,15 @@ class StagedForward:
             self._step(i, point, stats)
         self.point = point
         return {name: stats for name in group.modules}
+
+    def select_inputs(self, point: int, index: torch.Tensor) -> None:
+        """Keep only the input columns ``index`` at ``point`` (a method cut o's or down's inputs)."""
+        if point != self.point or point not in (1, 3):
+            raise ValueError(f"inputs can only be cut at the current point of o_proj or down_proj (1 or 3), "
+                             f"not at {point} (the forward is at {self.point})")
+        key = "ctx" if point == 1 else "m"
+        for carry in self.carry:
+            carry[key] = carry[key].index_select(-1, index.to(carry[key].device))
 
     @torch.no_grad()
     def finish(self) -> list[torch.Tensor]:

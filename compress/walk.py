@@ -335,6 +335,9 @@ def walk(model: torch.nn.Module, tokens: torch.Tensor, methods: Sequence[LayerMe
                         else:
                             stats = observe_group(layer, group, inputs, device, stats_dtype)
                     out = method.apply(layer, index, group, stats)
+                    kept = method.kept_inputs() if method.stageable else None
+                    if kept and staged is not None:
+                        staged.select_inputs(point, kept[group.modules[0]])
                     if out:
                         record.setdefault(method.name, {}).update(out)
                     del stats

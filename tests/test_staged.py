@@ -131,3 +131,37 @@ def test_staged_forward_refuses_to_go_back(tiny_tokens):
     staged.observe(Group(["mlp.down_proj"]), 3)
     with pytest.raises(ValueError, match="past"):
         staged.observe(Group(["self_attn.o_proj"]), 1)
+
+
+@pytest.mark.parametrize("gqa_unit", ["query", "kv"])
+def test_slimgpt_staged_prunes_as_the_plain_path(tiny_tokens, gqa_unit):
+    """SlimGPT cuts o_proj's and down_proj's inputs (and q/k/v, gate/up rows) and reports the kept
+    columns; the staged walk cuts its cached context / activation alike and ends with the same pruned
+    model as re-running the layer, whose own forward gives the walk's outputs."""
+    from compress.methods.slimgpt.api import prepare
+
+    results = {}
+    for staged in (False, True):
+        model = make_tiny_llama()
+        calls = [0]
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+        method = prepare(model, {"ratio": 0.4, "schedule": "uniform", "gqa_unit": gqa_unit})
+        result = walk(model, tiny_tokens, [method], batch_size=4, staged=staged, keep_hidden=True)
+        results[staged] = (model, torch.cat(result.hidden), result.records)
+        # 2 batches × 3 layers: o_proj runs once per batch and layer staged (+2 for the check), twice plain
+        assert calls[0] == (2 * 3 + 2 if staged else 2 * 2 * 3)
+    (plain, plain_out, plain_rec), (model, staged_out, staged_rec) = results[False], results[True]
+    for a, b in zip(plain_rec, staged_rec):
+        assert a["slimgpt"]["heads_kept"] == b["slimgpt"]["heads_kept"]
+        assert a["slimgpt"]["ffn_kept"] == b["slimgpt"]["ffn_kept"]
+    plain_state, state = plain.state_dict(), model.state_dict()
+    assert plain_state.keys() == state.keys()
+    for key, value in plain_state.items():
+        assert value.shape == state[key].shape, key
+        assert torch.allclose(state[key], value, rtol=1e-4, atol=1e-5), key
+    assert (staged_out - plain_out).abs().max().item() <= 1e-4
+    with torch.no_grad():
+        reference = model(tiny_tokens).logits
+        got = model.lm_head(model.model.norm(staged_out))
+    assert (got - reference).abs().max().item() <= 1e-4

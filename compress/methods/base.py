@@ -56,10 +56,17 @@ class Method:
 class LayerMethod(Method):
     """A method applied layer by layer inside the walk."""
 
-    # True when ``apply`` changes nothing but the weights of the group it is given, in place and keeping
-    # their shapes: the walk may then observe the groups with a staged forward (compress.staged) that
-    # runs each part of the layer once, instead of re-running the layer from its start for every group.
+    # True when ``apply`` changes nothing but the weights of the group it is given, in place, except that
+    # it may drop input columns of the group's modules (and the producers' matching outputs) when it
+    # reports them through ``kept_inputs``: the walk may then observe the groups with a staged forward
+    # (compress.staged) that runs each part of the layer once, instead of re-running the layer from its
+    # start for every group.
     stageable: ClassVar[bool] = False
+
+    def kept_inputs(self) -> dict[str, torch.Tensor] | None:
+        """After ``apply``: for each module of the group whose input columns were cut, the indices of
+        the kept ones (ascending), so that a staged forward can cut its cached inputs alike. Read once."""
+        return None
 
     def prepare(self, model: torch.nn.Module) -> Any:
         """Called once with the whole model before the walk (e.g. to plan every layer); fails fast."""

@@ -24,7 +24,7 @@ from compress.methods.base import Group, LayerMethod, register
 from compress.methods.slimgpt.config import SlimGPTConfig
 from compress.methods.slimgpt.obs import dynamic_group_sizes, prune_channels, prune_column_groups
 from compress.methods.slimgpt.plan import LayerPlan, LayerShape, plan_model
-from compress.methods.slimgpt.shrink import layer_widths, shrink_attention, shrink_mlp
+from compress.methods.slimgpt.shrink import head_channels, layer_widths, shrink_attention, shrink_mlp
 
 log = logging.getLogger(__name__)
 ATTENTION = "self_attn.o_proj"
@@ -79,6 +79,12 @@ class SlimGPT(LayerMethod):
     def _dtype(self) -> torch.dtype:
         return torch.float64 if self.config.obs_dtype == "float64" else torch.float32
 
+    stageable = True  # it cuts only o_proj's / down_proj's inputs (and their producers), reported below
+
+    def kept_inputs(self) -> dict[str, torch.Tensor] | None:
+        kept, self._kept = getattr(self, "_kept", None), None
+        return kept
+
     def apply(self, layer: torch.nn.Module, index: int, group: Group, stats: dict) -> dict:
         start = time.perf_counter()
         plan, shape = self._plan(index), self.shapes[index]
@@ -108,6 +114,7 @@ class SlimGPT(LayerMethod):
             kept_kv = result.kept
             kept_heads = [g * groups + j for g in kept_kv for j in range(groups)]
         shrink_attention(attn, result.weight.to(weight.dtype), kept_heads, kept_kv, shape.head_dim)
+        self._kept = {ATTENTION: head_channels(kept_heads, shape.head_dim, torch.device("cpu"))}
         return {"heads_kept": len(kept_heads), "kv_heads_kept": len(kept_kv), "removed_units": result.removed,
                 "attention_error": result.total_error}
 
@@ -118,4 +125,5 @@ class SlimGPT(LayerMethod):
         result = prune_channels(weight, hessian, plan.channels_removed, damping=self.config.damping,
                                 batch_sizes=sizes, dtype=self._dtype)
         shrink_mlp(mlp, result.weight.to(weight.dtype), result.kept)
+        self._kept = {MLP: torch.tensor(result.kept, dtype=torch.long)}
         return {"ffn_kept": len(result.kept), "ffn_batches": sizes, "mlp_error": result.total_error}
