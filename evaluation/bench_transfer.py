@@ -280,6 +280,8 @@ def main() -> None:
     parser.add_argument("--reuse", choices=["none", "v2", "all"], default="none",
                         help="Reuse v2 (or v2 and v1-ft) made by a previous run in --work.")
     parser.add_argument("--out", default=str(ROOT / "evaluation" / "results" / "transfer-smollm2.md"))
+    parser.add_argument("--machine", default=f"{os.cpu_count()} CPU cores, no GPU.",
+                        help="how the machine was during the run (shared or idle), written into the results")
     args = parser.parse_args()
     torch.manual_seed(0)
     from compress.data import evaluation_stream
@@ -344,8 +346,7 @@ def main() -> None:
     lines = [
         "# Fine-tuning transfer on smollm2-135m (CPU)",
         "",
-        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Machine: 2 CPU cores shared with "
-        f"3-4 other engineers' jobs: every timing here is noisy (the same forward pass varied 10x during this run).",
+        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Machine: {args.machine}",
         "",
         f"- v2 = v1 after continued training on WikiText-2 train: top {args.v2_layers} decoder layers + final norm "
         f"(inputs of the first trained layer computed once, the frozen layers not recomputed), "
