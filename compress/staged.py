@@ -31,6 +31,7 @@ import logging
 
 import torch
 
+from compress.devices import layer_output, to_device, to_host
 from compress.methods.base import Group
 from compress.stats import HessianAccumulator
 
@@ -51,23 +52,10 @@ class _Stop(Exception):
     pass
 
 
-def _to(obj, device):
-    if torch.is_tensor(obj):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
 def has_structure(layer: torch.nn.Module) -> bool:
     """Whether ``layer`` has the named parts of the chain (necessary, not sufficient: see check_layer)."""
-    try:
-        return all(hasattr(layer, p) for p in _PARTS) and hasattr(layer.self_attn, "o_proj") \
-            and hasattr(layer.mlp, "down_proj")
-    except AttributeError:
-        return False
+    return all(hasattr(layer, p) for p in _PARTS) and hasattr(layer.self_attn, "o_proj") \
+        and hasattr(layer.mlp, "down_proj")
 
 
 def group_point(group: Group) -> int | None:
@@ -109,16 +97,12 @@ class StagedForward:
         self.point = 0  # every batch is at this point (0 needs nothing cached: norm(x) is recomputed)
         self.carry: list[dict] = [{} for _ in hidden]  # per batch: "ctx" | "r", "m" | "out" (host)
 
-    def _host(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().to("cpu")
-        return t.pin_memory() if self.pin else t
-
     def _step(self, i: int, target: int, collect: HessianAccumulator | None) -> None:
         """Advance batch ``i`` to ``target``, adding that point's input to ``collect`` on the way."""
         layer, device = self.layer, self.device
         carry = self.carry[i]
         x = self.hidden[i].to(device, non_blocking=True) if self.point <= 1 else None
-        kwargs = _to(self.kwargs[i], device) if self.point == 0 else None
+        kwargs = to_device(self.kwargs[i], device, non_blocking=True) if self.point == 0 else None
         point = self.point
         if point == 0:
             value = layer.input_layernorm(x)
@@ -138,21 +122,21 @@ class StagedForward:
                 value = _input_of(attn.o_proj, lambda: attn(hidden_states=value, **kwargs))
             elif point == 1:
                 r = x + layer.self_attn.o_proj(value)
-                carry["r"] = self._host(r)  # the residual stream, needed again at the end
+                carry["r"] = to_host(r, self.pin)  # the residual stream, needed again at the end
                 value = layer.post_attention_layernorm(r)
             elif point == 2:
                 mlp = layer.mlp
                 value = _input_of(mlp.down_proj, lambda: mlp(value))
             elif point == 3:
                 r = carry.pop("r").to(device, non_blocking=True)
-                carry["out"] = self._host(r + layer.mlp.down_proj(value))
+                carry["out"] = to_host(r + layer.mlp.down_proj(value), self.pin)
                 point = END
                 break
             point += 1
         if point == 1:
-            carry["ctx"] = self._host(value)
+            carry["ctx"] = to_host(value, self.pin)
         elif point == 3:
-            carry["m"] = self._host(value)
+            carry["m"] = to_host(value, self.pin)
 
     @torch.no_grad()
     def observe(self, group: Group, point: int, stats_dtype: torch.dtype = torch.float32) -> dict:
@@ -199,8 +183,7 @@ def check_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, devi
     try:
         staged = StagedForward(layer, [hidden], [kwargs], device)
         got = staged.finish()[0].float()
-        out = layer(hidden.to(device), **_to(kwargs, device))
-        want = (out[0] if isinstance(out, (tuple, list)) else out).float().cpu()
+        want = layer_output(layer(hidden.to(device), **to_device(kwargs, device))).float().cpu()
     except Exception as exc:  # any mismatch of structure: the plain path will do
         return False, f"the staged forward failed ({type(exc).__name__}: {exc})"
     diff = (got - want).abs().max().item()

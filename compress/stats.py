@@ -21,12 +21,14 @@ class HessianAccumulator:
                  gram: bool = True):
         self.in_features = in_features
         self.dtype = dtype
+        self.device = torch.device(device)
         # Only the lower block triangle of Σ xᵀx is accumulated (column blocks of ``block`` columns,
         # each against the rows from its first column down): about 40 % fewer flops for the same
         # sums; ``xtx`` mirrors it into the full symmetric matrix when read.
         self._lower = torch.zeros(in_features, in_features, device=device, dtype=dtype) if gram else None
-        self.block = (1024 if torch.device(device).type == "cuda" else 192) if in_features >= 384 else in_features
-        self.sq = torch.zeros(in_features, device=device, dtype=dtype)
+        self.block = (1024 if self.device.type == "cuda" else 192) if in_features >= 384 else in_features
+        # Σ x² per channel: the Gram matrix's diagonal when there is one, else accumulated on its own
+        self.sq = None if gram else torch.zeros(in_features, device=device, dtype=dtype)
         self.count = 0  # number of token rows seen
 
     @property
@@ -39,17 +41,13 @@ class HessianAccumulator:
 
     def add_batch(self, inp: torch.Tensor) -> None:
         """Add inputs of shape (..., in_features)."""
-        x = inp.reshape(-1, inp.shape[-1]).to(self.sq.device, self.dtype)  # (tokens, in)
+        x = inp.reshape(-1, inp.shape[-1]).to(self.device, self.dtype)  # (tokens, in)
         if x.shape[1] != self.in_features:
             raise ValueError(f"input width {x.shape[1]} != {self.in_features}")
         if self._lower is not None:
-            if self.block >= self.in_features:
-                self._lower.addmm_(x.t(), x)
-            else:
-                for i in range(0, self.in_features, self.block):  # strided views: BLAS reads them as is
-                    j = min(i + self.block, self.in_features)
-                    self._lower[i:, i:j].addmm_(x[:, i:].t(), x[:, i:j])
-        else:  # with the Gram matrix, Σ x² is its diagonal (read in channel_norms)
+            for i in range(0, self.in_features, self.block):  # strided views: BLAS reads them as is
+                self._lower[i:, i:i + self.block].addmm_(x[:, i:].t(), x[:, i:i + self.block])
+        else:
             self.sq += x.pow(2).sum(0)
         self.count += x.shape[0]
 

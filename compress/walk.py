@@ -13,10 +13,11 @@ Only one decoder layer is on the compute device at a time; the activations live 
 * device ≈ one layer + its statistics (in² · 4 bytes per observed input width) + one batch's
   intermediates (b·L·max(H, FFN)·4 plus the attention scores of one batch)
 
-for N samples of L tokens and hidden size H; a method that runs staged (compress.staged: GPTQ, RTN)
-adds up to N·L·(H + FFN) activations on the host while a layer is in progress. With ``state_dir`` set the walk is resumable: after
-each layer it writes the compressed layers so far, the next layer's inputs and the records, and a
-later call with the same arguments continues from there and ends with the same weights.
+for N samples of L tokens and hidden size H; a method that runs staged (compress.staged: GPTQ, RTN,
+SlimGPT) adds up to N·L·(H + FFN) activations on the host while a layer is in progress. With
+``state_dir`` set the walk is resumable: after each layer it writes the compressed layers so far, the
+next layer's inputs and the records, and a later call with the same arguments continues from there
+and ends with the same weights.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Callable, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from compress.devices import layer_output, to_device, to_host
 from compress.errors import CompressError
 from compress.methods.base import Group, LayerMethod
 from compress.models import decoder_layers
@@ -76,23 +78,6 @@ class WalkResult:
     hidden: list[torch.Tensor] | None = None  # the last layer's outputs per batch, when asked for
 
 
-def _to(obj, device, non_blocking=False):
-    if torch.is_tensor(obj):
-        return obj.to(device, non_blocking=non_blocking)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device, non_blocking) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device, non_blocking) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device, non_blocking) for k, v in obj.items()}
-    return obj
-
-
-def _host(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
-    tensor = tensor.detach().to("cpu")
-    return tensor.pin_memory() if pin else tensor
-
-
 @torch.no_grad()
 def capture_inputs(model: torch.nn.Module, tokens: torch.Tensor, device: torch.device, batch_size: int) -> LayerInputs:
     """Run the model up to layer 0 and keep that layer's real inputs (args and kwargs)."""
@@ -106,10 +91,10 @@ def capture_inputs(model: torch.nn.Module, tokens: torch.Tensor, device: torch.d
 
     def hook(module, args, kwargs):
         states = args[0] if args else kwargs.pop("hidden_states")
-        hidden.append(_host(states, pin))
+        hidden.append(to_host(states, pin))
         kept = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
         kept["use_cache"] = False
-        kwargs_list.append(_to(kept, "cpu"))
+        kwargs_list.append(to_device(kept, "cpu"))
         raise _Captured
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -124,11 +109,6 @@ def capture_inputs(model: torch.nn.Module, tokens: torch.Tensor, device: torch.d
         for module in moved:
             module.to("cpu")
     return LayerInputs(hidden, kwargs_list)
-
-
-def _layer_output(result):
-    # transformers 5 returns a tensor from a decoder layer; older versions a tuple.
-    return result[0] if isinstance(result, (tuple, list)) else result
 
 
 @torch.no_grad()
@@ -171,7 +151,7 @@ def observe_group(layer: torch.nn.Module, group: Group, inputs: LayerInputs, dev
         for states, kwargs in zip(inputs.hidden, inputs.kwargs):
             seen.clear()
             try:
-                layer(states.to(device, non_blocking=True), **_to(kwargs, device))
+                layer(states.to(device, non_blocking=True), **to_device(kwargs, device))
             except _StopLayer:
                 pass
             first_batch[0] = False
@@ -187,8 +167,8 @@ def propagate(layer: torch.nn.Module, inputs: LayerInputs, device: torch.device)
     """Replace every cached batch by the layer's output on it (the next layer's input)."""
     pin = device.type == "cuda"
     for i, (states, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
-        out = _layer_output(layer(states.to(device, non_blocking=True), **_to(kwargs, device)))
-        inputs.hidden[i] = _host(out, pin)
+        out = layer_output(layer(states.to(device, non_blocking=True), **to_device(kwargs, device)))
+        inputs.hidden[i] = to_host(out, pin)
 
 
 def assign_layer_state(layer: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -204,16 +204,16 @@ def print_table(rows, forward, args):
           f"WikiText-2 perplexity at 2048 over the first {args.windows} windows; KL/top-1 vs float "
           f"over the first {args.kl_windows}; calibration {args.samples}×{args.seqlen} WikiText-2 train tokens; "
           f"plain forward over them {forward:.1f} s")
-    print("| model | ppl@2048 | KL (nats) | top-1 | MB on disk | quantize s | ÷ forward |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['name']} | {r['ppl']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} | {r['mb']:.1f} | "
-              f"{r['seconds']:.0f} | {r['seconds'] / forward:.2f} |")
+    print_rows([dict(r, forward_seconds=forward) for r in rows])
 
 
 def render(path):
     """Markdown table of every row of a JSON-lines file; ÷ forward uses the forward of the row's own run."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    print_rows([json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()])
+
+
+def print_rows(rows):
+    """The markdown table; each row carries the plain forward time of its run (``forward_seconds``)."""
     print("| model | ppl@2048 | KL (nats) | top-1 | MB on disk | quantize s | ÷ forward |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -22,6 +22,7 @@ from compress.data import calibration_tokens
 from compress.methods.base import build_method
 from compress.models import load_model
 from compress.walk import walk
+from evaluation.bench_quantize import plain_forward_seconds
 
 OPTIONS = {"gptq": {"bits": 4, "group_size": 64, "act_order": True},
            "slimgpt": {"ratio": 0.2}}
@@ -53,11 +54,7 @@ def main():
     torch.set_num_threads(args.threads)
     dense = load_model("smollm2-135m")
     tokens = calibration_tokens(dense.model, dense.tokenizer, "wikitext2", args.samples, args.seqlen, seed=0)
-    with torch.no_grad():
-        start = time.perf_counter()
-        for b in range(0, tokens.shape[0], 8):
-            dense.model(tokens[b:b + 8], use_cache=False)
-        forward = time.perf_counter() - start
+    forward = plain_forward_seconds(dense.model, tokens, 8)
     del dense
     rows = []
     for name in [m for m in args.methods.split(",") if m]:

@@ -45,26 +45,22 @@ model.save(out_dir)
 AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
 
 # The dequantized copy: unpack the saved GPTQ v1 tensors (b-bit codes in int32 words along the input
-# dimension, zero points stored as z − 1, float16 scales, g_idx) into W = (q − z) · s.
+# dimension, zero points stored as z − 1, float16 scales, g_idx) into W = (q − z) · s, with the
+# repository's own unpacker (plain torch; this venv does not have compress installed).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from compress.methods.quantize.pack import unpack_int32  # noqa: E402
+
 saved = {}
 for file in sorted(glob.glob(os.path.join(out_dir, "*.safetensors"))):
     saved.update(load_file(file))
-shifts = torch.arange(0, 32, config.bits, dtype=torch.int32)
-mask = 2 ** config.bits - 1
-
-
-def unpack(words):  # (n, m) int32 → (n · 32/bits, m) codes, code k of a column at bits [k·b, (k+1)·b)
-    return ((words[:, None, :] >> shifts[None, :, None]) & mask).reshape(-1, words.shape[1]).long()
-
-
 plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 unpacked = 0
 with torch.no_grad():
     for name, module in plain.named_modules():
         if f"{name}.qweight" not in saved:
             continue
-        codes = unpack(saved[f"{name}.qweight"])  # (in, out)
-        zeros = unpack(saved[f"{name}.qzeros"].t().contiguous()).t() + 1  # (groups, out)
+        codes = unpack_int32(saved[f"{name}.qweight"], config.bits, module.in_features)  # (in, out)
+        zeros = unpack_int32(saved[f"{name}.qzeros"], config.bits, module.out_features, dim=1) + 1  # (groups, out)
         scales = saved[f"{name}.scales"].float()
         g_idx = saved[f"{name}.g_idx"].long()
         module.weight.copy_(((codes - zeros[g_idx]).float() * scales[g_idx]).t())
