@@ -1,0 +1,221 @@
+"""The method plugin interface and its registry.
+
+A method is a class with a ``name``, a typed ``Config`` dataclass (:mod:`compress.config`) and either
+layer hooks (:class:`LayerMethod`, driven by the layer walk) or a whole-model ``run``
+(:class:`ModelMethod`, given a :class:`RunContext`). Methods register with :func:`register`;
+third-party packages add theirs through the ``compress.methods`` entry-point group, so the CLI,
+recipes and the Python API look methods up by name and never branch on them. Methods never import
+the walk: everything a method needs from it arrives in a :class:`LayerContext`.
+
+What a layer method may ask of the walk (class attributes):
+
+* per :class:`Group`, ``stats``: Σxᵀx and norms (``"hessian"``), norms only (``"norm"``) or nothing
+  (``"none"``) of the group's module inputs;
+* ``needs_inputs``: the layer's cached inputs (hidden states and each batch's call kwargs);
+* ``needs_teacher``: the original layer's outputs on those inputs (layer-wise distillation targets);
+* ``teacher_forced``: the next layer's inputs are the original layer's outputs, not the changed ones.
+
+``apply`` may change weights in place, drop units, or return an :class:`Applied` whose ``replace``
+maps module names inside the layer (``""`` for the whole layer) to new modules, which the walk
+installs before it propagates. On resume the walk asks the method to ``rebuild`` each replaced
+module from its record, then loads the saved tensors into it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from compress.config import config_field, make_config  # noqa: F401  (part of the plugin API)
+from compress.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "compress.methods"
+# built-in method modules, each registers itself on import
+BUILTIN_MODULES: list[str] = ["compress.methods.quantize", "compress.methods.slimgpt", "compress.methods.bone",
+                              "compress.transfer.method"]
+_REGISTRY: dict[str, type["Method"]] = {}
+_loaded = False
+
+
+@dataclass
+class Group:
+    """Modules of one decoder layer that a method compresses together after observing their inputs.
+
+    ``modules`` are names inside the layer (``"self_attn.o_proj"``); ``stats`` says what the walk
+    collects on their inputs: ``"hessian"`` (Σxᵀx and norms), ``"norm"`` (norms only) or ``"none"``.
+    """
+
+    modules: list[str]
+    stats: str = "hessian"
+    name: str = ""
+
+
+@dataclass
+class LayerContext:
+    """What the walk hands to :meth:`LayerMethod.apply` for one group of one decoder layer."""
+
+    layer: torch.nn.Module  # on ``device``
+    index: int
+    group: Group
+    stats: dict  # module name → HessianAccumulator (read-only; q/k/v and gate/up may share one)
+    device: torch.device
+    inputs: list[torch.Tensor] | None = None  # per batch (b, L, H) on the host, when ``needs_inputs``
+    kwargs: list[dict] | None = None  # per batch: this layer's own call kwargs (host tensors)
+    teacher_outputs: list[torch.Tensor] | None = None  # per batch, the original layer's outputs (``needs_teacher``)
+
+    def batches(self):
+        """(hidden, kwargs, teacher output or None) per batch, moved to the device."""
+        from compress.devices import to_device
+
+        teacher = self.teacher_outputs or [None] * len(self.inputs)
+        for hidden, kwargs, target in zip(self.inputs, self.kwargs, teacher):
+            yield (hidden.to(self.device), to_device(kwargs, self.device),
+                   None if target is None else target.to(self.device))
+
+
+@dataclass
+class Applied:
+    """What ``apply`` may return: a JSON-able record and modules to install in the layer."""
+
+    record: dict = field(default_factory=dict)
+    replace: dict[str, torch.nn.Module] = field(default_factory=dict)  # "" replaces the whole layer
+
+
+@dataclass
+class RunContext:
+    """What a whole-model method receives: everything the pipeline has loaded or decided."""
+
+    model: torch.nn.Module
+    tokenizer: Any = None
+    device: torch.device = torch.device("cpu")
+    source: str | None = None  # what the user named: alias, folder or GGUF file
+    calibration: torch.Tensor | None = None  # (N, L) tokens when the job has calibration data
+    eval_data: str | None = None
+    seed: int = 0
+    out: Path | None = None
+    extras: dict = field(default_factory=dict)  # what a verb adds for its method (training examples, ...)
+
+
+class Method:
+    """Base of every method. Subclasses set ``name``, ``Config`` and ``help``."""
+
+    name: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    Config: ClassVar[type] = None
+    # the CLI verb whose flags include this method's Config fields (``compress prune --method X``)
+    verb: ClassVar[str | None] = None
+    # the exporter this method's result needs (None: the plain/per-layer safetensors one)
+    output_format: ClassVar[str | None] = None
+
+    def __init__(self, config: Any = None):
+        self.config = config if config is not None else self.Config()
+
+
+class LayerMethod(Method):
+    """A method applied layer by layer inside the walk."""
+
+    needs_inputs: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = False
+    teacher_forced: ClassVar[bool] = False
+    # True when ``apply`` changes nothing but the weights of the group it is given, in place, except that
+    # it may drop input columns of the group's modules (and the producers' matching outputs) when it
+    # reports them through ``kept_inputs``: the walk may then observe the groups with a staged forward
+    # (compress.staged) that runs each part of the layer once, instead of re-running the layer from its
+    # start for every group.
+    stageable: ClassVar[bool] = False
+
+    def kept_inputs(self) -> dict[str, torch.Tensor] | None:
+        """After ``apply``: for each module of the group whose input columns were cut, the indices of
+        the kept ones (ascending), so that a staged forward can cut its cached inputs alike. Read once."""
+        return None
+
+    def prepare(self, model: torch.nn.Module) -> Any:
+        """Called once with the whole model before the walk (e.g. to plan every layer); fails fast."""
+
+    def groups(self, layer: torch.nn.Module, index: int) -> list[Group]:
+        """The groups to observe and apply in order for decoder layer ``index``."""
+        raise NotImplementedError(f"{type(self).__name__} must define groups()")
+
+    def apply(self, ctx: LayerContext) -> Applied | dict | None:
+        """Compress ``ctx.group`` of ``ctx.layer``; return a record for compress.json, or an Applied."""
+        raise NotImplementedError(f"{type(self).__name__} must define apply()")
+
+    def rebuild(self, layer: torch.nn.Module, index: int, name: str, record: dict) -> torch.nn.Module:
+        """On resume: a module of the right class and shapes for ``name`` (replaced by ``apply`` in
+        layer ``index``, whose record is given); the walk then loads the saved tensors into it."""
+        raise NotImplementedError(f"{type(self).__name__} replaced module '{name}' but cannot rebuild it")
+
+    def restore(self, layer: torch.nn.Module, index: int, record: dict) -> None:
+        """On resume, after a finished layer's tensors are loaded: restore what the method keeps on
+        modules besides tensors (e.g. attributes derived from shapes). Default: nothing."""
+
+    def finish(self, model: torch.nn.Module) -> None:
+        """Called once after the last layer (e.g. to update the config after pruning)."""
+
+
+class ModelMethod(Method):
+    """A method that works on the whole model at once (training, search, arithmetic)."""
+
+    def run(self, ctx: RunContext) -> dict:
+        """Do the work on ``ctx.model``; return a JSON-able record. A method that builds a new model
+        returns it under ``"model"``."""
+        raise NotImplementedError(f"{type(self).__name__} must define run()")
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its ``name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    if cls.Config is None or not dataclasses.is_dataclass(cls.Config):
+        raise TypeError(f"{cls.__name__}.Config must be a dataclass")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_plugins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import importlib
+
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as exc:  # a broken third-party plugin must not break the others
+            log.warning("method plugin %s could not be loaded: %s", ep.name, exc)
+            continue
+        if isinstance(obj, type) and issubclass(obj, Method) and obj.name not in _REGISTRY:
+            register(obj)
+
+
+def available_methods(verb: str | None = None) -> dict[str, type[Method]]:
+    """Registered methods by name (only those of ``verb`` when given)."""
+    _load_plugins()
+    return {n: c for n, c in sorted(_REGISTRY.items()) if verb is None or c.verb == verb}
+
+
+def get_method(name: str, verb: str | None = None) -> type[Method]:
+    methods = available_methods()
+    if name not in methods:
+        raise ConfigError(f"unknown method '{name}' (available: {', '.join(methods) or 'none'})")
+    if verb is not None and methods[name].verb != verb:
+        choices = ", ".join(available_methods(verb)) or "none"
+        raise ConfigError(f"method '{name}' is not a {verb} method (available: {choices})")
+    return methods[name]
+
+
+def build_method(name: str, options: dict | None = None, verb: str | None = None) -> Method:
+    """Instantiate a registered method with a validated config built from ``options``."""
+    cls = get_method(name, verb)
+    return cls(make_config(cls.Config, options or {}, where=f"method {name}"))
