@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "compress.methods"
 # built-in method modules, each registers itself on import
 BUILTIN_MODULES: list[str] = ["compress.methods.quantize", "compress.methods.slimgpt", "compress.methods.bone",
-                              "compress.transfer.method"]
+                              "compress.methods.transfer.method"]
 _REGISTRY: dict[str, type["Method"]] = {}
 _loaded = False
 

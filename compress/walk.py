@@ -22,8 +22,6 @@ and ends with the same weights.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
@@ -32,15 +30,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from compress.devices import layer_output, to_device, to_host
 from compress.errors import CompressError
-from compress.methods.base import Group, LayerMethod
 from compress.models import decoder_layers
+from compress.plugin import Applied, Group, LayerContext, LayerMethod
 from compress.progress import bar
 from compress.staged import StagedForward, check_layer, group_point
 from compress.stats import HessianAccumulator
+from compress.walk_state import REPLACED, WalkState, assign_layer_state, fingerprint, install  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +62,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 @dataclass
 class LayerInputs:
-    """Cached inputs of the current decoder layer: hidden states per batch and the shared kwargs."""
+    """Cached inputs of the current decoder layer: hidden states per batch and each layer's own kwargs."""
 
     hidden: list[torch.Tensor]  # each (b, L, H) on the host
-    kwargs: list[dict]  # per batch: position_embeddings, attention_mask, position_ids, ...
+    per_layer: list[list[dict]]  # [layer][batch]: position_embeddings, attention_mask, position_ids, ...
+    layer: int = 0  # the decoder layer these inputs are for
+
+    @property
+    def kwargs(self) -> list[dict]:
+        """The current layer's call kwargs, per batch."""
+        return self.per_layer[self.layer]
 
 
 @dataclass
@@ -78,37 +82,81 @@ class WalkResult:
     hidden: list[torch.Tensor] | None = None  # the last layer's outputs per batch, when asked for
 
 
+def _host_kwargs(kwargs: dict, memo: dict) -> dict:
+    """A layer's kwargs on the host; a tensor shared by several layers (the rotary tables, the mask)
+    is copied once (``memo``: id → host copy), so per-layer kwargs cost no more than one layer's."""
+    def host(obj):
+        if torch.is_tensor(obj):
+            if id(obj) not in memo:
+                memo[id(obj)] = (obj, obj.detach().to("cpu"))  # keep obj alive so its id stays unique
+            return memo[id(obj)][1]
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(host(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: host(v) for k, v in obj.items()}
+        return obj
+
+    kept = {k: host(v) for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "cache")}
+    kept["use_cache"] = False
+    return kept
+
+
 @torch.no_grad()
 def capture_inputs(model: torch.nn.Module, tokens: torch.Tensor, device: torch.device, batch_size: int) -> LayerInputs:
-    """Run the model up to layer 0 and keep that layer's real inputs (args and kwargs)."""
+    """Keep layer 0's real inputs and every decoder layer's own call kwargs (a hybrid's layers may take
+    different ones). The layers run as identity stubs while capturing: only the embedding and the
+    model-level preparation (rotary tables, masks) are computed."""
     layers = decoder_layers(model)
     base = model.model
     moved = [m for m in (base.embed_tokens, getattr(base, "rotary_emb", None)) if m is not None]
     for module in moved:
         module.to(device)
-    hidden, kwargs_list = [], []
+    hidden: list[torch.Tensor] = []
+    per_layer: list[list[dict]] = [[] for _ in layers]
     pin = device.type == "cuda"
+    memo: dict = {}
 
-    def hook(module, args, kwargs):
-        states = args[0] if args else kwargs.pop("hidden_states")
-        hidden.append(to_host(states, pin))
-        kept = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
-        kept["use_cache"] = False
-        kwargs_list.append(to_device(kept, "cpu"))
-        raise _Captured
+    def stub(index):
+        def forward(*args, **kwargs):
+            states = args[0] if args else kwargs["hidden_states"]
+            if index == 0:
+                hidden.append(to_host(states, pin))
+            per_layer[index].append(_host_kwargs(kwargs, memo))
+            if index == len(layers) - 1:
+                raise _Captured
+            return states
+        return forward
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    own = [layer.__dict__.get("forward") for layer in layers]  # an instance-level forward (hooks) to restore
+    for index, layer in enumerate(layers):
+        layer.forward = stub(index)
     try:
         for start in range(0, tokens.shape[0], batch_size):
+            memo.clear()
             try:
                 base(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
             except _Captured:
                 pass
     finally:
-        handle.remove()
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward  # back to the class's forward
+            else:
+                layer.forward = forward
         for module in moved:
             module.to("cpu")
-    return LayerInputs(hidden, kwargs_list)
+    missing = [i for i, kw in enumerate(per_layer) if len(kw) != len(hidden)]
+    if missing:
+        raise CompressError(f"decoder layer {missing[0]} was not called by the model's forward")
+    return LayerInputs(hidden, per_layer)
+
+
+@torch.no_grad()
+def layer_outputs(layer: torch.nn.Module, inputs: LayerInputs, device: torch.device) -> list[torch.Tensor]:
+    """The layer's output on every cached batch (host), the inputs left as they are."""
+    pin = device.type == "cuda"
+    return [to_host(layer_output(layer(states.to(device, non_blocking=True), **to_device(kwargs, device))), pin)
+            for states, kwargs in zip(inputs.hidden, inputs.kwargs)]
 
 
 @torch.no_grad()
@@ -162,84 +210,13 @@ def observe_group(layer: torch.nn.Module, group: Group, inputs: LayerInputs, dev
     return stats
 
 
-@torch.no_grad()
 def propagate(layer: torch.nn.Module, inputs: LayerInputs, device: torch.device) -> None:
-    """Replace every cached batch by the layer's output on it (the next layer's input)."""
+    """Replace every cached batch by the layer's output on it (the next layer's input), batch by batch
+    (one copy of the activations at a time)."""
     pin = device.type == "cuda"
     for i, (states, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
         out = layer_output(layer(states.to(device, non_blocking=True), **to_device(kwargs, device)))
         inputs.hidden[i] = to_host(out, pin)
-
-
-def assign_layer_state(layer: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a saved layer state whose shapes may differ (pruned layers), resizing Linear modules."""
-    for name, tensor in state.items():
-        module_name, _, attr = name.rpartition(".")
-        module = layer.get_submodule(module_name) if module_name else layer
-        current = getattr(module, attr)
-        if isinstance(current, torch.nn.Parameter):
-            setattr(module, attr, torch.nn.Parameter(tensor.to(current.dtype).clone(), requires_grad=current.requires_grad))
-        else:
-            setattr(module, attr, tensor.clone())
-        if isinstance(module, torch.nn.Linear) and attr == "weight":
-            module.out_features, module.in_features = tensor.shape
-
-
-class WalkState:
-    """The on-disk state that lets a killed walk continue: see the module docstring."""
-
-    def __init__(self, directory: Path, fingerprint: str):
-        self.dir = Path(directory)
-        self.fingerprint = fingerprint
-
-    def load(self) -> dict | None:
-        meta_path = self.dir / "walk.json"
-        if not meta_path.is_file():
-            return None
-        meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") != self.fingerprint:
-            raise CompressError(f"resume state in {self.dir} belongs to another run (different model, tokens or "
-                                "methods); remove it or choose another state folder")
-        return meta
-
-    def save(self, next_layer: int, layer: torch.nn.Module, inputs: LayerInputs, records: list[dict]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        index = next_layer - 1
-        state = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
-        _atomic_save(state, self.dir / f"layer_{index:04d}.safetensors")
-        hidden = {f"batch_{i:05d}": t.contiguous() for i, t in enumerate(inputs.hidden)}
-        _atomic_save(hidden, self.dir / "inputs.safetensors")
-        meta = {"fingerprint": self.fingerprint, "next_layer": next_layer, "records": records}
-        tmp = self.dir / "walk.json.tmp"
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, self.dir / "walk.json")  # the commit point: written last
-
-    def restore(self, model: torch.nn.Module, inputs: LayerInputs, next_layer: int) -> None:
-        layers = decoder_layers(model)
-        for index in range(next_layer):
-            assign_layer_state(layers[index], load_file(str(self.dir / f"layer_{index:04d}.safetensors")))
-        hidden = load_file(str(self.dir / "inputs.safetensors"))
-        inputs.hidden[:] = [hidden[f"batch_{i:05d}"] for i in range(len(hidden))]
-
-
-def _atomic_save(tensors: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-
-
-def fingerprint(model: torch.nn.Module, tokens: torch.Tensor, methods: Sequence[LayerMethod], batch_size: int,
-                staged: bool = True) -> str:
-    """Identify a run: the tokens, the method configs, the batch split and the model's shape and weights."""
-    digest = hashlib.sha256()
-    digest.update(tokens.numpy().tobytes())
-    digest.update(repr([(m.name, repr(m.config)) for m in methods]).encode())
-    digest.update(str(batch_size).encode())
-    digest.update(b"staged" if staged else b"plain")  # the two paths round differently
-    digest.update(repr(model.config.to_dict()).encode())
-    for p in list(model.parameters())[:4]:
-        digest.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 class _StagingCheck:
@@ -266,14 +243,15 @@ def walk(model: torch.nn.Module, tokens: torch.Tensor, methods: Sequence[LayerMe
     """Walk ``model``'s decoder layers over ``tokens`` (N, L), applying ``methods`` in order.
 
     The model stays on the host; each layer visits ``device`` in turn. Returns per-layer records.
-    ``staged`` lets stageable methods (GPTQ, RTN) observe their groups with a staged forward that runs
-    each part of a LLaMA-style layer once (compress.staged); off, every group re-runs the layer.
-    ``on_layer_done(index, layer)`` is called after each layer is compressed, propagated and saved.
-    ``keep_hidden`` keeps the last layer's outputs (before the final norm) in the result.
+    ``staged`` lets stageable methods (GPTQ, RTN, SlimGPT) observe their groups with a staged forward
+    that runs each part of a LLaMA-style layer once (compress.staged); off, every group re-runs the layer.
+    When a method asks for the teacher layer's outputs (``needs_teacher``) they are computed with the
+    layer as it is before any method of this walk changes it; when one is ``teacher_forced`` the next
+    layer's inputs are those outputs. ``on_layer_done(index, layer)`` is called after each layer is
+    compressed, propagated and saved. ``keep_hidden`` keeps the last layer's outputs (before the final
+    norm) in the result.
     """
     device = resolve_device(device)
-    use_staged = staged
-    staging = _StagingCheck()
     if tokens.ndim != 2 or tokens.numel() == 0:
         raise CompressError(f"calibration tokens must be a non-empty (samples, seqlen) tensor, got {tuple(tokens.shape)}")
     start_time = time.perf_counter()
@@ -281,55 +259,26 @@ def walk(model: torch.nn.Module, tokens: torch.Tensor, methods: Sequence[LayerMe
     use_cache = model.config.use_cache
     model.config.use_cache = False
     layers = decoder_layers(model)
-    state = WalkState(Path(state_dir), fingerprint(model, tokens, methods, batch_size, staged)) if state_dir else None
+    state = WalkState(state_dir, fingerprint(model, tokens, methods, batch_size, staged)) if state_dir else None
     meta = state.load() if state else None
     inputs = capture_inputs(model, tokens, device, batch_size)
     result = WalkResult()
     first = 0
     if meta is not None:
-        first = meta["next_layer"]
+        first = result.resumed_from = meta["next_layer"]
         result.records = meta["records"]
-        result.resumed_from = first
-        state.restore(model, inputs, first)
+        state.restore(layers, inputs.hidden, meta, methods)
         log.info("resuming the walk at layer %d of %d from %s", first, len(layers), state.dir)
+    step = _LayerStep(methods, device, stats_dtype, staged)
     progress = bar("walking layers", total=len(layers), unit="layer")
     progress.update(first)
     try:
         for index in range(first, len(layers)):
-            layer = layers[index].to(device)
-            record: dict = {"layer": index}
-            staged = None  # the staged forward of the current method, while its groups allow one
-            for method in methods:
-                staged = None  # progress cached for another method's groups is stale now
-                for group in method.groups(layer, index):
-                    point = group_point(group) if (use_staged and method.stageable) else None
-                    if staged is not None and (point is None or point < staged.point):
-                        staged = None  # a group out of the chain's order: back to the plain path
-                    if group.stats == "none":
-                        stats = {}
-                    else:
-                        if staged is None and point is not None and staging.ok(layer, inputs, device):
-                            staged = StagedForward(layer, inputs.hidden, inputs.kwargs, device)
-                        if staged is not None:
-                            stats = staged.observe(group, point, stats_dtype)
-                        else:
-                            stats = observe_group(layer, group, inputs, device, stats_dtype)
-                    out = method.apply(layer, index, group, stats)
-                    kept = method.kept_inputs() if method.stageable else None
-                    if kept and staged is not None:
-                        staged.select_inputs(point, kept[group.modules[0]])
-                    if out:
-                        record.setdefault(method.name, {}).update(out)
-                    del stats
-            if staged is not None:  # the last method ran staged: its last advance is the propagation
-                inputs.hidden[:] = staged.finish()
-            else:
-                propagate(layer, inputs, device)
-            del staged
-            layers[index] = layer.to("cpu")
+            inputs.layer = index
+            record = step.run(layers, index, inputs)
             result.records.append(record)
             if state:
-                state.save(index + 1, layers[index], inputs, result.records)
+                state.save(index + 1, layers[index], inputs.hidden, result.records)
             if on_layer_done:
                 on_layer_done(index, layers[index])
             progress.update(1)
@@ -342,6 +291,65 @@ def walk(model: torch.nn.Module, tokens: torch.Tensor, methods: Sequence[LayerMe
     if keep_hidden:
         result.hidden = inputs.hidden
     return result
+
+
+class _LayerStep:
+    """One walk step: onload a layer, run every method's groups on it, propagate, offload."""
+
+    def __init__(self, methods: Sequence[LayerMethod], device: torch.device, stats_dtype: torch.dtype, staged: bool):
+        self.methods = methods
+        self.device = device
+        self.stats_dtype = stats_dtype
+        self.use_staged = staged
+        self.staging = _StagingCheck()
+        self.needs_teacher = any(m.needs_teacher or m.teacher_forced for m in methods)
+        self.teacher_forced = any(m.teacher_forced for m in methods)
+
+    def run(self, layers: torch.nn.ModuleList, index: int, inputs: LayerInputs) -> dict:
+        device = self.device
+        layer = layers[index] = layers[index].to(device)
+        record: dict = {"layer": index}
+        teacher = layer_outputs(layer, inputs, device) if self.needs_teacher else None
+        staged = None  # the staged forward of the current method, while its groups allow one
+        for method in self.methods:
+            staged = None  # progress cached for another method's groups is stale now
+            for group in method.groups(layer, index):
+                point = group_point(group) if (self.use_staged and method.stageable) else None
+                if staged is not None and (point is None or point < staged.point):
+                    staged = None  # a group out of the chain's order: back to the plain path
+                stats, staged = self._observe(layer, group, point, staged, inputs)
+                ctx = LayerContext(layer, index, group, stats, device, inputs.hidden, inputs.kwargs, teacher)
+                applied = method.apply(ctx)
+                del ctx, stats
+                if not isinstance(applied, Applied):
+                    applied = Applied(record=applied or {})
+                kept = method.kept_inputs() if method.stageable else None
+                if kept and staged is not None:
+                    staged.select_inputs(point, kept[group.modules[0]])
+                if applied.record:
+                    record.setdefault(method.name, {}).update(applied.record)
+                for name, module in sorted(applied.replace.items(), key=lambda item: len(item[0])):
+                    layer = install(layers, index, name, module.to(device))
+                    record.setdefault(REPLACED, {})[name] = method.name
+                    staged = None  # the staged chain holds the replaced modules
+        if self.teacher_forced:
+            inputs.hidden[:] = teacher  # the next layer sees the original model's hidden states
+        elif staged is not None:  # the last method ran staged: its last advance is the propagation
+            inputs.hidden[:] = staged.finish()
+        else:
+            propagate(layer, inputs, device)
+        layers[index] = layer.to("cpu")
+        return record
+
+    def _observe(self, layer, group: Group, point: int | None, staged, inputs: LayerInputs):
+        """The group's input statistics, through the staged forward when the group allows one."""
+        if group.stats == "none":
+            return {}, staged
+        if staged is None and point is not None and self.staging.ok(layer, inputs, self.device):
+            staged = StagedForward(layer, inputs.hidden, inputs.kwargs, self.device)
+        if staged is not None:
+            return staged.observe(group, point, self.stats_dtype), staged
+        return observe_group(layer, group, inputs, self.device, self.stats_dtype), staged
 
 
 def walk_memory_formula(model: torch.nn.Module, samples: int, seqlen: int) -> dict[str, int]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.methods.base import Group, LayerMethod
+from compress.plugin import Group, LayerMethod
 from compress.methods.slimgpt.method import ATTENTION, MLP, SlimGPT
 from compress.methods.slimgpt.shrink import shrink_attention, shrink_mlp
 
@@ -33,8 +33,9 @@ class StructuredBaseline(LayerMethod):
         stats = "none" if self.score == "magnitude" else "norm"
         return [Group(g.modules, stats=stats, name=g.name) for g in self.planner.groups(layer, index)]
 
-    def apply(self, layer, index, group, stats):
-        plan, shape = self.planner.plans[index], self.planner.shapes[index]
+    def apply(self, ctx):
+        layer, group, stats = ctx.layer, ctx.group, ctx.stats
+        plan, shape = self.planner.plans[ctx.index], self.planner.shapes[ctx.index]
         if group.name == "attention":
             return self._attention(layer.self_attn, plan, shape, stats.get(ATTENTION))
         return self._mlp(layer.mlp, plan, stats.get(MLP))

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import compress.methods.base as base
+import compress.plugin as base
 from compress.errors import CompressError, ConfigError
 from compress.export import RECORD_FILE, atomic_output, save_model
-from compress.methods.base import LayerMethod, build_method, config_field, make_config
+from compress.plugin import LayerMethod, build_method, config_field, make_config
 from compress.models import load_model
 from compress.walk import walk
 from tests.conftest import make_tiny_llama
@@ -34,10 +34,10 @@ class _ScalePlugin(LayerMethod):
     def groups(self, layer, index):
         return [base.Group(["self_attn.o_proj"], stats="none")]
 
-    def apply(self, layer, index, group, stats):
-        if not self.config.layers or index in self.config.layers:
-            layer.self_attn.o_proj.weight.data.mul_(self.config.factor)
-        return {"scaled": index}
+    def apply(self, ctx):
+        if not self.config.layers or ctx.index in self.config.layers:
+            ctx.layer.self_attn.o_proj.weight.data.mul_(self.config.factor)
+        return {"scaled": ctx.index}
 
 
 class _FakeEntryPoint:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from compress.methods.base import Group, LayerMethod
+from compress.plugin import Group, LayerMethod
 from compress.methods.quantize.config import SEQUENTIAL_GROUPS
 from compress.staged import StagedForward, check_layer
 from compress.walk import capture_inputs, walk
@@ -36,10 +36,10 @@ class Recorder(LayerMethod):
     def groups(self, layer, index):
         return [Group(list(g), name="+".join(g)) for g in self.order]
 
-    def apply(self, layer, index, group, stats):
-        for name in group.modules:
-            self.hessians[(index, name)] = stats[name].hessian().clone()
-            weight = layer.get_submodule(name).weight
+    def apply(self, ctx):
+        for name in ctx.group.modules:
+            self.hessians[(ctx.index, name)] = ctx.stats[name].hessian().clone()
+            weight = ctx.layer.get_submodule(name).weight
             pattern = torch.linspace(0.5, 1.5, weight.shape[1])  # deterministic, shape-preserving
             weight.data.mul_(pattern)
         return {}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compress.errors import CompressError
-from compress.methods.base import Group, LayerMethod, config_field
+from compress.plugin import Group, LayerMethod, config_field
 from compress.walk import capture_inputs, observe_group, walk, walk_memory_formula
 from tests.conftest import make_tiny_llama
 
@@ -66,13 +66,13 @@ class _RoundToGrid(LayerMethod):
     def groups(self, layer, index):
         return [Group(["self_attn.q_proj", "self_attn.k_proj"]), Group(["mlp.down_proj"])]
 
-    def apply(self, layer, index, group, stats):
-        for name in group.modules:
-            module = layer.get_submodule(name)
-            scale = stats[name].channel_norms().clamp_min(1e-6)  # (in,)
+    def apply(self, ctx):
+        for name in ctx.group.modules:
+            module = ctx.layer.get_submodule(name)
+            scale = ctx.stats[name].channel_norms().clamp_min(1e-6)  # (in,)
             w = module.weight.data * scale
             module.weight.data = torch.round(w / self.config.step) * self.config.step / scale
-        return {"rounded": len(group.modules)}
+        return {"rounded": len(ctx.group.modules)}
 
 
 class _Kill(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compress.errors import ConfigError
-from compress.methods.base import config_field
+from compress.plugin import config_field
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = "-1 (per output channel) or a positive size such as 32, 64, 128"

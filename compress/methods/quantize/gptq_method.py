@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from compress.methods.base import Group, LayerMethod, register
+from compress.plugin import Group, LayerMethod, register
 from compress.methods.quantize.config import SEQUENTIAL_GROUPS, GPTQConfig
 from compress.methods.quantize.gptq import GPTQ, CholeskyFailed, output_error
 from compress.methods.quantize.grid import rtn_quantize
@@ -22,6 +22,7 @@ class GPTQMethod(LayerMethod):
     help = "GPTQ weight quantization (2/3/4/8 bits, groups, sym/asym, act-order) with Hessian error feedback."
     Config = GPTQConfig
     stageable = True
+    output_format = "compressed-tensors"  # quantized weights (gptq writes them too)
 
     def groups(self, layer, index):
         order = [n for group in SEQUENTIAL_GROUPS for n in group]
@@ -34,10 +35,11 @@ class GPTQMethod(LayerMethod):
         return [Group(g, name="+".join(g)) for g in groups + [rest] if g]
 
     @torch.no_grad()
-    def apply(self, layer, index, group, stats):
+    def apply(self, ctx):
         """Quantize the group's modules; modules that share one accumulator (q/k/v, gate/up: the same
         input) are quantized as one stacked matrix, which gives each row exactly what it would get alone
         (GPTQ treats rows independently given H) with one Cholesky and one column loop."""
+        layer, index, group, stats = ctx.layer, ctx.index, ctx.group, ctx.stats
         record = {}
         clusters: dict[int, list[str]] = {}
         for name in group.modules:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.methods.base import Group, LayerMethod, register
+from compress.plugin import Group, LayerMethod, register
 from compress.methods.quantize.config import RTNConfig
 from compress.methods.quantize.grid import QuantParams, rtn_quantize
 from compress.methods.quantize.targets import check_group_size, layer_targets
@@ -30,6 +30,7 @@ class RTN(LayerMethod):
     help = "Round-to-nearest integer weight quantization (2/3/4/8 bits, groups, sym/asym)."
     Config = RTNConfig
     stageable = True
+    output_format = "compressed-tensors"  # quantized weights (gptq writes them too)
 
     def groups(self, layer, index):
         names = layer_targets(layer, index, self.config.ignore)
@@ -37,10 +38,10 @@ class RTN(LayerMethod):
         return [Group(names, stats="none", name="rtn")] if names else []
 
     @torch.no_grad()
-    def apply(self, layer, index, group, stats):
+    def apply(self, ctx):
         record = {}
-        for name in group.modules:
-            module = layer.get_submodule(name)
+        for name in ctx.group.modules:
+            module = ctx.layer.get_submodule(name)
             original = module.weight.detach().float().clone()
             params = rtn_quantize(original, self.config)
             quantized = set_quantized(module, params)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compress.errors import ConfigError
-from compress.methods.base import config_field
+from compress.plugin import config_field
 
 
 @dataclass

@@ -20,7 +20,7 @@ import time
 import torch
 
 from compress.errors import CompressError
-from compress.methods.base import Group, LayerMethod, register
+from compress.plugin import Group, LayerContext, LayerMethod, register
 from compress.methods.slimgpt.config import SlimGPTConfig
 from compress.methods.slimgpt.obs import dynamic_group_sizes, prune_channels, prune_column_groups
 from compress.methods.slimgpt.plan import LayerPlan, LayerShape, plan_model
@@ -85,7 +85,8 @@ class SlimGPT(LayerMethod):
         kept, self._kept = getattr(self, "_kept", None), None
         return kept
 
-    def apply(self, layer: torch.nn.Module, index: int, group: Group, stats: dict) -> dict:
+    def apply(self, ctx: LayerContext) -> dict:
+        layer, index, group, stats = ctx.layer, ctx.index, ctx.group, ctx.stats
         start = time.perf_counter()
         plan, shape = self._plan(index), self.shapes[index]
         if group.name == "attention":
