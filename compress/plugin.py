@@ -118,10 +118,16 @@ class Method:
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
 
+    def describe_layers(self, model: torch.nn.Module) -> list[dict] | None:
+        """After the work: one small dict per decoder layer for the closing table and compress.json
+        (e.g. a pruning method's ratio and widths); None when the method has nothing per layer."""
+        return None
+
 
 class LayerMethod(Method):
     """A method applied layer by layer inside the walk."""
 
+    needs_data: ClassVar[bool] = True  # False: data-free (RTN); the walk then runs on a few dummy tokens
     needs_inputs: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = False
     teacher_forced: ClassVar[bool] = False
@@ -163,6 +169,10 @@ class LayerMethod(Method):
 
 class ModelMethod(Method):
     """A method that works on the whole model at once (training, search, arithmetic)."""
+
+    # keys of ``RunContext.extras`` the method cannot run without (a verb of its own supplies them;
+    # a recipe stage of such a method is refused before any work)
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def run(self, ctx: RunContext) -> dict:
         """Do the work on ``ctx.model``; return a JSON-able record. A method that builds a new model

@@ -31,21 +31,17 @@ import logging
 
 import torch
 
+from compress import arch
 from compress.devices import layer_output, to_device, to_host
-from compress.methods.base import Group
+from compress.plugin import Group
 from compress.stats import HessianAccumulator
 
 log = logging.getLogger(__name__)
 
 # the observation point of each module of a LLaMA decoder layer (see the module docstring)
-POINTS = {
-    "self_attn.q_proj": 0, "self_attn.k_proj": 0, "self_attn.v_proj": 0,
-    "self_attn.o_proj": 1,
-    "mlp.gate_proj": 2, "mlp.up_proj": 2,
-    "mlp.down_proj": 3,
-}
+POINTS = {name: arch.point(name) for name in arch.PROJECTIONS}
 END = 4
-_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+_PARTS = arch.LAYER_PARTS  # input norm, attention, post-attention norm, MLP
 
 
 class _Stop(Exception):
@@ -54,8 +50,8 @@ class _Stop(Exception):
 
 def has_structure(layer: torch.nn.Module) -> bool:
     """Whether ``layer`` has the named parts of the chain (necessary, not sufficient: see check_layer)."""
-    return all(hasattr(layer, p) for p in _PARTS) and hasattr(layer.self_attn, "o_proj") \
-        and hasattr(layer.mlp, "down_proj")
+    present = {name for name, _ in layer.named_modules()}
+    return all(p in present for p in _PARTS) and arch.O in present and arch.DOWN in present
 
 
 def group_point(group: Group) -> int | None:
@@ -100,16 +96,18 @@ class StagedForward:
     def _step(self, i: int, target: int, collect: HessianAccumulator | None) -> None:
         """Advance batch ``i`` to ``target``, adding that point's input to ``collect`` on the way."""
         layer, device = self.layer, self.device
+        norm1, attn, norm2, mlp = (getattr(layer, part) for part in _PARTS)
+        o_proj, down_proj = arch.projection(layer, arch.O), arch.projection(layer, arch.DOWN)
         carry = self.carry[i]
         x = self.hidden[i].to(device, non_blocking=True) if self.point <= 1 else None
         kwargs = to_device(self.kwargs[i], device, non_blocking=True) if self.point == 0 else None
         point = self.point
         if point == 0:
-            value = layer.input_layernorm(x)
+            value = norm1(x)
         elif point == 1:
             value = carry.pop("ctx").to(device, non_blocking=True)
         elif point == 2:
-            value = layer.post_attention_layernorm(carry["r"].to(device, non_blocking=True))
+            value = norm2(carry["r"].to(device, non_blocking=True))
         elif point == 3:
             value = carry.pop("m").to(device, non_blocking=True)
         while True:
@@ -118,18 +116,16 @@ class StagedForward:
                     collect.add_batch(value)
                 break
             if point == 0:
-                attn = layer.self_attn
-                value = _input_of(attn.o_proj, lambda: attn(hidden_states=value, **kwargs))
+                value = _input_of(o_proj, lambda: attn(hidden_states=value, **kwargs))
             elif point == 1:
-                r = x + layer.self_attn.o_proj(value)
+                r = x + o_proj(value)
                 carry["r"] = to_host(r, self.pin)  # the residual stream, needed again at the end
-                value = layer.post_attention_layernorm(r)
+                value = norm2(r)
             elif point == 2:
-                mlp = layer.mlp
-                value = _input_of(mlp.down_proj, lambda: mlp(value))
+                value = _input_of(down_proj, lambda: mlp(value))
             elif point == 3:
                 r = carry.pop("r").to(device, non_blocking=True)
-                carry["out"] = to_host(r + layer.mlp.down_proj(value), self.pin)
+                carry["out"] = to_host(r + down_proj(value), self.pin)
                 point = END
                 break
             point += 1

@@ -2,9 +2,11 @@
 
 ::
 
-    capture layer-0 inputs ──► for each decoder layer:
-        onload → for each method, for each group: observe (hooks) → apply
-        → propagate (the compressed layer's outputs become the next layer's inputs) → offload
+    capture layer-0 inputs and every layer's kwargs ──► for each decoder layer:
+        onload → [teacher outputs] → for each method, for each group: observe (hooks) → apply
+        (LayerContext in; weights changed in place, or modules / the layer replaced)
+        → propagate (the compressed layer's outputs, or the teacher's when a method is teacher-forced,
+          become the next layer's inputs) → offload
 
 Only one decoder layer is on the compute device at a time; the activations live on the host
 (pinned memory when the device is CUDA). Memory (float32 activations):
@@ -14,7 +16,10 @@ Only one decoder layer is on the compute device at a time; the activations live 
   intermediates (b·L·max(H, FFN)·4 plus the attention scores of one batch)
 
 for N samples of L tokens and hidden size H; a method that runs staged (compress.staged: GPTQ, RTN,
-SlimGPT) adds up to N·L·(H + FFN) activations on the host while a layer is in progress. With
+SlimGPT) adds up to N·L·(H + FFN) activations on the host while a layer is in progress, and a method
+that asks for the teacher layer's outputs (layer-wise distillation) adds N·L·H. Each layer's own call
+kwargs are captured once, before the walk, with the layers run as identity stubs (a hybrid's layers may
+take different ones); tensors shared by all layers (rotary tables, the mask) are held once. With
 ``state_dir`` set the walk is resumable: after each layer it writes the compressed layers so far, the
 next layer's inputs and the records, and a later call with the same arguments continues from there
 and ends with the same weights.
@@ -44,7 +49,7 @@ log = logging.getLogger(__name__)
 
 
 class _Captured(Exception):
-    """Raised by the layer-0 pre-hook to stop the model forward once inputs are captured."""
+    """Raised by the last layer's capture stub to stop the model forward once inputs are captured."""
 
 
 class _StopLayer(Exception):

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from compress.methods.slimgpt.api import make_slimgpt
+from compress.plugin import build_method
+from compress.metrics.cost import count_parameters, kv_cache_bytes_per_token, tokens_per_second
 from compress.modeling_pruned import resize_layer
 from compress.models import load_model
-from evaluation.cost import count_parameters, kv_cache_bytes_per_token, tokens_per_second
 
 
 def pruned_shape_model(dense: torch.nn.Module, ratio: float, schedule: str, unit: str) -> torch.nn.Module:
-    planner = make_slimgpt({"ratio": ratio, "schedule": schedule, "gqa_unit": unit})
+    planner = build_method("slimgpt", {"ratio": ratio, "schedule": schedule, "gqa_unit": unit})
     plans = planner.prepare(dense)
     model = copy.deepcopy(dense)
     for layer, plan, shape in zip(model.model.layers, plans, planner.shapes):

@@ -26,11 +26,13 @@ from pathlib import Path
 import torch
 
 from compress.data import calibration_tokens, evaluation_stream
-from compress.methods.slimgpt.api import make_slimgpt, prune
+import compress
+from compress.plugin import build_method
+from compress.metrics.cost import count_parameters, tokens_per_second
+from compress.metrics.perplexity import perplexity
 from compress.models import decoder_layers, load_model
+from compress.plugin import LayerContext
 from compress.walk import walk
-from evaluation.cost import count_parameters, tokens_per_second
-from evaluation.perplexity import perplexity
 from evaluation.prune_baselines import StructuredBaseline
 
 METHODS = ["dense", "magnitude", "wanda-sp", "slimgpt-uniform", "slimgpt-log"]
@@ -53,15 +55,15 @@ def run_method(name: str, ratio: float, tokens: torch.Tensor, args) -> tuple[tor
     options = {"ratio": ratio, "schedule": schedule, "gqa_unit": args.gqa_unit}
     start = time.perf_counter()
     if name.startswith("slimgpt"):
-        prune(model, tokens, options, device="cpu", batch_size=args.batch_size)
+        compress.prune(model, tokens=tokens, device="cpu", batch_size=args.batch_size, **options)
         return model, time.perf_counter() - start
-    planner = make_slimgpt(options)
+    planner = build_method("slimgpt", options)
     planner.prepare(model)
     method = StructuredBaseline(name, planner)
     if name == "magnitude":  # data-free: no walk needed
         for index, layer in enumerate(decoder_layers(model)):
             for group in method.groups(layer, index):
-                method.apply(layer, index, group, {})
+                method.apply(LayerContext(layer, index, group, {}, torch.device("cpu")))
     else:
         walk(model, tokens, [method], device="cpu", batch_size=args.batch_size)
     return model, time.perf_counter() - start

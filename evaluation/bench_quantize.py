@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from compress.data import calibration_tokens, evaluation_stream
-from compress.methods.base import build_method
+from compress.plugin import build_method
 from compress.methods.quantize.export import save_compressed_tensors
+from compress.metrics.cost import bytes_on_disk
 from compress.models import load_model, resolve_model_path
 from compress.walk import walk
-from evaluation.cost import bytes_on_disk
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import time
 import torch
 
 from compress.data import calibration_tokens
-from compress.methods.base import build_method
+from compress.plugin import build_method
 from compress.models import load_model
 from compress.walk import walk
 from evaluation.bench_quantize import plain_forward_seconds
@@ -29,11 +29,9 @@ OPTIONS = {"gptq": {"bits": 4, "group_size": 64, "act_order": True},
 
 
 def make_method(name, model):
-    if name == "slimgpt":
-        from compress.methods.slimgpt.api import prepare
-
-        return prepare(model, OPTIONS[name])
-    return build_method(name, OPTIONS[name])
+    method = build_method(name, OPTIONS[name])
+    method.prepare(model)
+    return method
 
 
 def run(name, tokens, staged):

@@ -10,7 +10,7 @@ Procedure (every size is a flag; the defaults fit a shared 2-core CPU in about a
    evaluation split never seen in training. Accuracy = exact match of both answer tokens under
    greedy decoding (computed teacher-forced: all argmaxes right ⇔ greedy generates the answer).
    v1-ft = v1 fine-tuned on it (top ``--ft-layers`` layers, plain torch AdamW, loss on the answer).
-3. v2 + Δ: ``compress.transfer.transfer(v1, v1-ft, v2)``; v2 + rank-K Δ: ``extract --rank K`` then
+3. v2 + Δ: ``compress.methods.transfer.transfer(v1, v1-ft, v2)``; v2 + rank-K Δ: ``extract --rank K`` then
    ``apply`` (artifact size reported).
 4. Perplexity on the WikiText-2 test stream: the first ``--ppl-windows`` windows of ``--ppl-seqlen``.
 5. A transfer in a subprocess: peak resident memory (sampled every 5 ms, and the kernel's VmHWM)
@@ -199,7 +199,7 @@ def save_version(model, source_folder: Path, folder: Path) -> None:
 
 def evaluate(folder: Path, stream, data, args) -> dict:
     from compress.models import load_model
-    from evaluation.perplexity import perplexity
+    from compress.metrics.perplexity import perplexity
 
     model = load_model(str(folder), tokenizer=False).model
     start = time.perf_counter()
@@ -222,8 +222,8 @@ def rss():
             out[key] = int(value.split()[0]) * 1024
     return out
 import torch
-from compress.transfer import transfer
-from compress.transfer.checkpoint import Checkpoint
+from compress.methods.transfer import transfer
+from compress.methods.transfer.checkpoint import Checkpoint
 from compress.progress import set_progress
 set_progress(False)
 mode, args = sys.argv[1], sys.argv[2:]
@@ -287,7 +287,7 @@ def main() -> None:
     from compress.data import evaluation_stream
     from compress.models import load_model
     from compress.progress import set_progress
-    from compress.transfer import apply, extract, transfer
+    from compress.methods.transfer import apply, extract, transfer
 
     set_progress(False)
     work = Path(args.work)
@@ -338,7 +338,7 @@ def main() -> None:
     shutil.rmtree(work / "mem-out", ignore_errors=True)
     mem = run_child("transfer", v1_folder, work / "v1-ft", work / "v2", work / "mem-out")
     read = run_child("read", v1_folder, work / "v1-ft", work / "v2")
-    from compress.transfer.checkpoint import Checkpoint
+    from compress.methods.transfer.checkpoint import Checkpoint
 
     largest = max(info.nbytes for info in Checkpoint(work / "v2").tensors.values())
 

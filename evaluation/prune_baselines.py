@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from compress import arch
 from compress.plugin import Group, LayerMethod
-from compress.methods.slimgpt.method import ATTENTION, MLP, SlimGPT
+from compress.methods.slimgpt.method import SlimGPT
 from compress.methods.slimgpt.shrink import shrink_attention, shrink_mlp
 
 
@@ -37,8 +38,8 @@ class StructuredBaseline(LayerMethod):
         layer, group, stats = ctx.layer, ctx.group, ctx.stats
         plan, shape = self.planner.plans[ctx.index], self.planner.shapes[ctx.index]
         if group.name == "attention":
-            return self._attention(layer.self_attn, plan, shape, stats.get(ATTENTION))
-        return self._mlp(layer.mlp, plan, stats.get(MLP))
+            return self._attention(layer, plan, shape, stats.get(arch.O))
+        return self._mlp(layer, plan, stats.get(arch.DOWN))
 
     def _column_scores(self, weight: torch.Tensor, stat) -> torch.Tensor:
         """Per input column of o_proj/down_proj: Σ_i W_ij² (magnitude) or Σ_i |W_ij|·‖X_j‖ (wanda-sp)."""
@@ -46,34 +47,37 @@ class StructuredBaseline(LayerMethod):
             return weight.float().pow(2).sum(0)
         return (weight.float().abs() * stat.channel_norms().float().to(weight.device)).sum(0)
 
-    def _attention(self, attn, plan, shape, stat) -> dict:
-        d, groups = shape.head_dim, shape.heads // shape.kv_heads
-        col = self._column_scores(attn.o_proj.weight, stat).reshape(shape.heads, d).sum(1)  # (heads,)
+    def _attention(self, layer, plan, shape, stat) -> dict:
+        d = shape.head_dim
+        o_proj, q_proj = arch.projection(layer, arch.O), arch.projection(layer, arch.Q)
+        heads_of = arch.kv_groups(shape.heads, shape.kv_heads)  # query heads of each KV head
+        col = self._column_scores(o_proj.weight, stat).reshape(shape.heads, d).sum(1)  # (heads,)
         if self.score == "magnitude":
-            col = col + attn.q_proj.weight.float().pow(2).reshape(shape.heads, d, -1).sum((1, 2))
-        per_group = col.reshape(shape.kv_heads, groups)  # (kv, groups): query heads of each KV head
+            col = col + q_proj.weight.float().pow(2).reshape(shape.heads, d, -1).sum((1, 2))
+        per_group = col[torch.tensor(heads_of)]  # (kv, groups)
         if plan.unit == "query":
             per_kv = plan.heads_removed // shape.kv_heads
             drop = per_group.argsort(dim=1)[:, :per_kv]  # lowest heads inside every KV group
-            removed = {g * groups + int(j) for g in range(shape.kv_heads) for j in drop[g]}
+            removed = {heads_of[g][int(j)] for g in range(shape.kv_heads) for j in drop[g]}
             kept_kv = list(range(shape.kv_heads))
         else:
             kv_score = per_group.sum(1)
             if self.score == "magnitude":
-                kv_score = kv_score + sum(m.weight.float().pow(2).reshape(shape.kv_heads, -1).sum(1)
-                                          for m in (attn.k_proj, attn.v_proj))
+                kv_score = kv_score + sum(arch.projection(layer, n).weight.float().pow(2).reshape(shape.kv_heads, -1)
+                                          .sum(1) for n in arch.KV)
             dropped = set(kv_score.argsort()[:plan.kv_removed].tolist())
             kept_kv = [g for g in range(shape.kv_heads) if g not in dropped]
-            removed = {g * groups + j for g in dropped for j in range(groups)}
+            removed = {h for g in dropped for h in heads_of[g]}
         kept = [h for h in range(shape.heads) if h not in removed]
-        shrink_attention(attn, attn.o_proj.weight.detach(), kept, kept_kv, d)
+        shrink_attention(getattr(layer, arch.ATTENTION), o_proj.weight.detach(), kept, kept_kv, d)
         return {"heads_kept": len(kept)}
 
-    def _mlp(self, mlp, plan, stat) -> dict:
-        score = self._column_scores(mlp.down_proj.weight, stat)
+    def _mlp(self, layer, plan, stat) -> dict:
+        down = arch.projection(layer, arch.DOWN)
+        score = self._column_scores(down.weight, stat)
         if self.score == "magnitude":
-            score = score + mlp.gate_proj.weight.float().pow(2).sum(1) + mlp.up_proj.weight.float().pow(2).sum(1)
+            score = score + sum(arch.projection(layer, n).weight.float().pow(2).sum(1) for n in arch.MLP_IN)
         drop = set(score.argsort()[:plan.channels_removed].tolist())
         kept = [j for j in range(score.numel()) if j not in drop]
-        shrink_mlp(mlp, mlp.down_proj.weight.detach(), kept)
+        shrink_mlp(getattr(layer, arch.MLP), down.weight.detach(), kept)
         return {"ffn_kept": len(kept)}

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from compress.errors import CompressError
-from evaluation.cost import count_parameters, kv_cache_bytes_per_token
-from evaluation.fidelity import fidelity
-from evaluation.perplexity import perplexity
+from compress.metrics.cost import count_parameters, kv_cache_bytes_per_token
+from compress.metrics.fidelity import fidelity
+from compress.metrics.perplexity import perplexity
 from tests.conftest import make_tiny_llama
 
 

@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from compress.cli import main
-from compress.methods.base import get_method, make_config
+from compress.plugin import get_method, make_config
 
 REPO = Path(__file__).resolve().parents[1]
 

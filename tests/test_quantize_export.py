@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compress.methods.base import build_method
+from compress.plugin import build_method
 from compress.methods.quantize.config import RTNConfig
 from compress.methods.quantize.export import gptq_quantize_config, quantized_linears, save_compressed_tensors, save_gptq
 from compress.methods.quantize.grid import rtn_quantize

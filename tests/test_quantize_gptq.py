@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.methods.base import build_method, make_config
+from compress.plugin import build_method, make_config
 from compress.methods.quantize.config import GPTQConfig, RTNConfig
 from compress.methods.quantize.gptq import GPTQ, inverse_hessian_factor
 from compress.methods.quantize.grid import group_grids, quantize_codes, rtn_quantize

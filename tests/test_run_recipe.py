@@ -11,7 +11,7 @@ import yaml
 
 import compress.walk
 from compress.data import calibration_tokens
-from compress.methods.base import build_method
+from compress.plugin import build_method
 from compress.models import load_model
 from compress.recipe import parse_recipe
 from tests.conftest import REPO, WIKI_TEST, WIKI_TRAIN

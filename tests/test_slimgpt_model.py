@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from compress.methods.slimgpt.api import prune, save_pruned
+import compress
 from compress.methods.slimgpt.method import model_shapes
 from tests.conftest import make_tiny_llama
 
@@ -38,17 +38,17 @@ def _greedy_without_cache(model, ids, steps):
 @pytest.mark.parametrize("unit", ["query", "kv"])
 def test_pruned_layers_shrink_and_generate_with_kv_cache(unit):
     model = _tiny()
-    summary, records = prune(model, TOKENS, {"ratio": 0.4, "schedule": "log", "gqa_unit": unit}, device="cpu",
+    summary = compress.prune(model, tokens=TOKENS, ratio=0.4, schedule="log", gqa_unit=unit, device="cpu",
                              batch_size=4)
     shapes = model_shapes(model)
-    assert [s.heads for s in shapes] == [layer["heads"] for layer in summary.layers]
+    assert [s.heads for s in shapes] == [layer["heads"] for layer in summary["layers"]]
     for layer, shape in zip(model.model.layers, shapes):
         assert shape.heads % shape.kv_heads == 0
         assert layer.self_attn.num_key_value_groups == shape.heads // shape.kv_heads
     if unit == "query":
         assert {s.kv_heads for s in shapes} == {2}
     assert min(s.heads for s in shapes) < 6 and min(s.ffn for s in shapes) < 128
-    assert summary.decoder_parameters_after < summary.decoder_parameters_before
+    assert summary["parameters"]["decoder_after"] < summary["parameters"]["decoder_before"]
     assert torch.isfinite(_logits(model)).all()
     cached = model.generate(PROMPT, max_new_tokens=6, do_sample=False, use_cache=True)
     assert torch.equal(cached, _greedy_without_cache(model, PROMPT, 6))
@@ -56,18 +56,18 @@ def test_pruned_layers_shrink_and_generate_with_kv_cache(unit):
 
 def test_realised_ratio_is_close_to_the_target():
     model = _tiny()
-    summary, _ = prune(model, TOKENS, {"ratio": 0.3, "schedule": "uniform"}, device="cpu")
+    summary = compress.prune(model, tokens=TOKENS, ratio=0.3, schedule="uniform", device="cpu")
     # decoder layers also hold two norms (2·48 of ~38k parameters per layer)
-    assert summary.decoder_removed_fraction == pytest.approx(0.3, abs=0.01)
+    assert summary["decoder_removed_fraction"] == pytest.approx(0.3, abs=0.01)
 
 
 def test_uniform_output_reloads_with_stock_from_pretrained(tmp_path):
     from transformers import LlamaForCausalLM
 
     model = _tiny()
-    prune(model, TOKENS, {"ratio": 0.3, "schedule": "uniform"}, device="cpu")
+    compress.prune(model, tokens=TOKENS, ratio=0.3, schedule="uniform", device="cpu")
     expected = _logits(model)
-    out = save_pruned(model, None, tmp_path / "uniform", {"test": True})
+    out = compress.save(model, tmp_path / "uniform", record={"test": True})
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and "auto_map" not in config
     assert not (out / "modeling_compress_llama.py").exists()
@@ -93,10 +93,10 @@ def test_non_uniform_output_reloads_through_the_package_and_remote_code(tmp_path
     from compress.models import load_model
 
     model = _tiny()
-    prune(model, TOKENS, {"ratio": 0.4, "schedule": "log"}, device="cpu")
+    compress.prune(model, tokens=TOKENS, ratio=0.4, schedule="log", device="cpu")
     expected = _logits(model)
     expected_gen = model.generate(PROMPT, max_new_tokens=6, do_sample=False, use_cache=True)
-    out = save_pruned(model, None, tmp_path / "log", {"test": True})
+    out = compress.save(model, tmp_path / "log", record={"test": True})
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "compress_llama" and config["auto_map"]
     assert len(set(config["layer_num_attention_heads"])) > 1 or len(set(config["layer_intermediate_size"])) > 1

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from compress.plugin import Group, LayerMethod
+from compress.plugin import Group, LayerMethod, build_method
 from compress.methods.quantize.config import SEQUENTIAL_GROUPS
 from compress.staged import StagedForward, check_layer
 from compress.walk import capture_inputs, walk
@@ -138,15 +138,14 @@ def test_slimgpt_staged_prunes_as_the_plain_path(tiny_tokens, gqa_unit):
     """SlimGPT cuts o_proj's and down_proj's inputs (and q/k/v, gate/up rows) and reports the kept
     columns; the staged walk cuts its cached context / activation alike and ends with the same pruned
     model as re-running the layer, whose own forward gives the walk's outputs."""
-    from compress.methods.slimgpt.api import prepare
-
     results = {}
     for staged in (False, True):
         model = make_tiny_llama()
         calls = [0]
         for layer in model.model.layers:
             layer.self_attn.o_proj.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
-        method = prepare(model, {"ratio": 0.4, "schedule": "uniform", "gqa_unit": gqa_unit})
+        method = build_method("slimgpt", {"ratio": 0.4, "schedule": "uniform", "gqa_unit": gqa_unit})
+        method.prepare(model)
         result = walk(model, tiny_tokens, [method], batch_size=4, staged=staged, keep_hidden=True)
         results[staged] = (model, torch.cat(result.hidden), result.records)
         # 2 batches × 3 layers: o_proj runs once per batch and layer staged (+2 for the check), twice plain

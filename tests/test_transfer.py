@@ -1,4 +1,4 @@
-"""compress.transfer against direct float64 computations on tiny random Llama checkpoints."""
+"""compress.methods.transfer against direct float64 computations on tiny random Llama checkpoints."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from compress.transfer import TransferOptions, apply, extract, transfer
-from compress.transfer.lowrank import truncated_svd
+from compress.methods.transfer import TransferOptions, apply, extract, transfer
+from compress.methods.transfer.lowrank import truncated_svd
 from tests.transfer_helpers import add_vocab_rows, save, three_versions, weights
 
 
@@ -69,6 +69,7 @@ def test_config_from_target_tokenizer_and_chat_template_from_finetuned(tmp_path)
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()) == {"from": "finetuned"}
     record = json.loads((tmp_path / "out" / "compress.json").read_text())
     assert record["method"] == "transfer" and record["config"]["scale"] == 1.0
+    assert record["config"]["vocab"] == "pad"  # the checkpoint default, resolved
 
 
 def test_added_tokens_are_padded_with_the_finetuned_rows(tmp_path):
@@ -192,12 +193,13 @@ def test_registered_method_transfers_into_an_in_memory_model(tmp_path):
     from transformers import LlamaForCausalLM
 
     from compress.methods.base import build_method
+    from compress.plugin import RunContext
 
     base, ft, target = three_versions(tmp_path)
     transfer(base, ft, target, tmp_path / "out", TransferOptions(scale=0.5))
     model = LlamaForCausalLM.from_pretrained(target)
     method = build_method("transfer", {"source_base": str(base), "source_ft": str(ft), "scale": 0.5})
-    result = method.run(model)
+    result = method.run(RunContext(model=model, source=str(target)))
     expected = weights(tmp_path / "out")
     state = model.state_dict()
     assert all(torch.equal(state[n], expected[n]) for n in expected)
@@ -214,3 +216,31 @@ def test_the_llama3_recipe_builds_a_valid_transfer_config():
     (stage,) = recipe["stages"]
     method = build_method(stage["method"], stage["options"])
     assert method.config.scale == 1.0 and method.config.source_ft.endswith("Meta-Llama-3-8B-Instruct")
+
+
+def test_one_options_type_for_the_method_the_functions_and_the_command(tmp_path):
+    """TransferOptions is the method's Config; its vocab default resolves per destination (pad for a
+    checkpoint, error in memory); the command's flags take their defaults from its fields."""
+    from click.testing import CliRunner
+    from transformers import LlamaForCausalLM
+
+    from compress.cli import main
+    from compress.errors import CompressError, ConfigError
+    from compress.methods.base import build_method, get_method
+    from compress.plugin import RunContext
+
+    assert get_method("transfer").Config is TransferOptions
+    assert TransferOptions().resolved_vocab(in_memory=False) == "pad"
+    base, ft, target = three_versions(tmp_path)
+    method = build_method("transfer", {"source_base": str(base), "source_ft": str(ft)})
+    assert method.config.vocab == "error" and method.config.scale == TransferOptions().scale
+    with pytest.raises(ConfigError, match="method transfer: field 'max_shard_bytes' only applies"):
+        build_method("transfer", {"source_base": "a", "source_ft": "b", "max_shard_bytes": 10})
+    with pytest.raises(ConfigError, match="method transfer: field 'rank' must be a positive integer"):
+        build_method("transfer", {"source_base": "a", "source_ft": "b", "rank": 0})
+    add_vocab_rows(ft, 2)
+    with pytest.raises(CompressError, match="vocabulary mismatch in "):  # the in-memory default: error
+        method.run(RunContext(model=LlamaForCausalLM.from_pretrained(target)))
+    help_text = CliRunner().invoke(main, ["transfer", "--help"]).output
+    assert f"[default: {TransferOptions().scale}]" in help_text
+    assert "Default: pad when a checkpoint is written" in " ".join(help_text.split())

@@ -56,6 +56,7 @@ def adapt_command(model, method, r, data, out, merge, steps, lr, batch_size, gra
     from compress.methods.base import build_method
     from compress.methods.bone.adapter import check_rank, targeted_linears
     from compress.models import load_model
+    from compress.plugin import RunContext
     from compress.train.data import load_examples, split_examples
     from compress.train.loop import TrainConfig, make_accelerator
 
@@ -76,9 +77,11 @@ def adapt_command(model, method, r, data, out, merge, steps, lr, batch_size, gra
     ckpt = Path(checkpoint_dir).expanduser().resolve() if checkpoint_dir else out_path.with_name(out_path.name + ".checkpoints")
 
     accelerator = make_accelerator(grad_accum, device)
-    ran = method_obj.run(loaded.model, train_examples=train_set, eval_examples=eval_set, train_config=train_config,
-                         pad_id=pad_id, accelerator=accelerator, checkpoint_dir=ckpt if save_every or resume else None,
-                         resume=resume)
+    ran = method_obj.run(RunContext(
+        model=loaded.model, tokenizer=loaded.tokenizer, device=accelerator.device, source=str(model), seed=seed,
+        out=out_path, extras={"train_examples": train_set, "eval_examples": eval_set, "train_config": train_config,
+                              "pad_id": pad_id, "accelerator": accelerator,
+                              "checkpoint_dir": ckpt if save_every or resume else None, "resume": resume}))
     result = ran["result"]
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -109,19 +112,12 @@ def adapt_command(model, method, r, data, out, merge, steps, lr, batch_size, gra
 
 
 def write_outputs(peft_model, loaded, out: Path, record: dict, merge: bool, force: bool) -> None:
-    """The adapter in peft format (OUT, or OUT/adapter with --merge) and, with --merge, merged weights."""
-    from compress.export import atomic_output, write_record
+    """The adapter in peft format (OUT, or OUT/adapter with --merge) and, with --merge, merged weights
+    (the ``peft`` exporter, whose base is the local base folder)."""
+    from compress.exporters import get_exporter
 
-    peft_model.peft_config["default"].base_model_name_or_path = str(loaded.path)
-    with atomic_output(out, [loaded.path], force) as tmp:
-        adapter_dir = tmp / "adapter" if merge else tmp
-        peft_model.save_pretrained(adapter_dir, safe_serialization=True)
-        if merge:
-            merged = peft_model.merge_and_unload()
-            merged.save_pretrained(tmp, safe_serialization=True)
-        if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(tmp)
-        write_record(tmp, record)
+    get_exporter("peft").save(peft_model, loaded.tokenizer, out, record, source=loaded.path, force=force,
+                              options={"merge": merge, "base": str(loaded.path)})
 
 
 def register(group: click.Group) -> None:

@@ -24,30 +24,10 @@ def eval_command(model, data, seqlen, windows, stride, batch_size, reference, wi
 
     MODEL is a Hugging Face folder, a GGUF file or the alias smollm2-135m.
     """
-    from compress.data import evaluation_stream
-    from compress.models import load_model
-    from compress.walk import resolve_device
-    from evaluation.perplexity import perplexity, window_starts
+    from compress.metrics import evaluate
 
-    dev = resolve_device(device)
-    if seqlen <= 0:
-        from compress.errors import CompressError
-
-        raise CompressError(f"--seqlen must be a positive number of tokens, got {seqlen}")
-    loaded = load_model(model, device=str(dev))
-    stream = evaluation_stream(loaded.tokenizer, data)
-    window_starts(stream.numel(), seqlen, stride or seqlen, windows)  # validate before the long work
-    ref = load_model(reference, device=str(dev), tokenizer=False) if reference else None
-    result = perplexity(loaded.model, stream, seqlen, stride, windows, batch_size).as_dict()
-    result.update(model=str(model), data=str(data))
-    if ref is not None:
-        from evaluation.fidelity import fidelity
-
-        result.update(fidelity(loaded.model, ref.model, stream, seqlen, windows, batch_size).as_dict())
-    if with_cost:
-        from evaluation.cost import measure_cost
-
-        result.update(measure_cost(loaded.model, loaded.path).as_dict())
+    result = evaluate(model, data=data, seqlen=seqlen, windows=windows, stride=stride, batch_size=batch_size,
+                      reference=reference, cost=with_cost, device=device)
     if as_json:
         print_json(result)
         return

@@ -21,7 +21,8 @@ def run_command(recipe, out, force, device, dry_run):
     Everything is validated before any work; a bad recipe is one line on stderr and exit code 2.
     """
     from compress.export import check_output_path
-    from compress.recipe import describe, load_recipe, output_folder, preflight, run_recipe
+    from compress.pipeline import preflight, run_job
+    from compress.recipe import describe, load_recipe, output_folder
 
     parsed = load_recipe(recipe)
     folder = output_folder(parsed, out)
@@ -32,12 +33,12 @@ def run_command(recipe, out, force, device, dry_run):
             click.echo(line)
         return
     source = preflight(parsed, folder, force)
-    result = run_recipe(parsed, folder, force=force, device=dev, source=source)
+    result = run_job(parsed, folder, force=force, device=dev, source=source)
     _closing_table(result, source)
 
 
 def _closing_table(result, source) -> None:
-    from evaluation.cost import bytes_on_disk
+    from compress.metrics.cost import bytes_on_disk
 
     rows = [(i, s["method"], "layer walk %d" % s["walk"] if s["walk"] else "whole model", s["seconds"])
             for i, s in enumerate(result.steps, 1)]

@@ -16,14 +16,44 @@ from compress.errors import CompressError
 
 REPORT_ROWS = 8  # tensors shown (largest drift first); compress.json holds them all
 
-scale_option = click.option("--scale", type=float, default=1.0, show_default=True,
-                            help="λ: the output is target + λ·(fine-tuned − base).")
-include_option = click.option("--include", default=None, help="Regex: only tensors whose name matches get the diff.")
-exclude_option = click.option("--exclude", default=None,
-                              help="Regex: tensors whose name matches are copied from the target unchanged.")
-vocab_option = click.option("--vocab", type=click.Choice(["pad", "truncate", "error"]), default="pad",
-                            show_default=True, help="Embedding/lm_head rows that differ: pad with the fine-tuned "
-                                                    "rows, truncate to the smallest, or stop with an error.")
+
+class FieldOption(click.Option):
+    """A flag whose default and help text are those of a TransferOptions field (one set of defaults for
+    the command, ``transfer()`` and the recipe method). They are read the first time click needs them,
+    because the options module imports torch, which ``compress --help`` should not wait for."""
+
+    def __init__(self, *args, field: str, **kwargs):
+        # a default given here wins (the model flags default to None, "not given", not to the field's "")
+        self.field, self._loaded, self._own_default = field, False, "default" in kwargs
+        super().__init__(*args, **kwargs)
+
+    def _load(self) -> None:
+        if not self._loaded:
+            from compress.methods.transfer import options
+
+            if not self._own_default:
+                self.default = options.default(self.field)
+            self.help = self.help or options.help_text(self.field)
+            self._loaded = True
+
+    def get_default(self, ctx, call=True):
+        self._load()
+        return super().get_default(ctx, call)
+
+    def get_help_record(self, ctx):
+        self._load()
+        return super().get_help_record(ctx)
+
+
+def field_option(*decls, field: str, **kwargs):
+    return click.option(*decls, cls=FieldOption, field=field, show_default=True, **kwargs)
+
+
+scale_option = field_option("--scale", field="scale", type=float)
+include_option = field_option("--include", field="include")
+exclude_option = field_option("--exclude", field="exclude")
+vocab_option = field_option("--vocab", field="vocab", type=click.Choice(["pad", "truncate", "error"]))
+rank_option = field_option("--rank", field="rank", type=int)
 force_option = click.option("--force", is_flag=True, help="Replace an existing --out folder.")
 
 
@@ -41,15 +71,15 @@ def echo_report(report, label: str = "diff") -> None:
 
 
 @click.group("transfer", invoke_without_command=True)
-@click.option("--source-base", default=None, help="Base model of the source version (folder, GGUF or alias).")
-@click.option("--source-ft", default=None, help="Fine-tuned model of the source version.")
+@field_option("--source-base", field="source_base", default=None)
+@field_option("--source-ft", field="source_ft", default=None)
 @click.option("--target-base", default=None, help="Base model of the target version (its config is kept).")
 @click.option("--out", default=None, help="Output folder (never one of the inputs).")
 @scale_option
 @include_option
 @exclude_option
 @vocab_option
-@click.option("--rank", type=int, default=None, help="Keep a rank-K truncated SVD of each matrix's diff.")
+@rank_option
 @click.option("--report-only", is_flag=True, help="Print the compatibility report and write nothing.")
 @force_option
 @click.pass_context
@@ -73,9 +103,10 @@ def transfer_group(ctx, source_base, source_ft, target_base, out, scale, include
         missing.append("--out")
     if missing:
         raise CompressError(f"compress transfer needs {', '.join(missing)} (see compress transfer --help)")
-    from compress.transfer import TransferOptions, transfer
+    from compress.methods.transfer import TransferOptions, transfer
 
-    options = TransferOptions(scale=scale, include=include, exclude=exclude, vocab=vocab, rank=rank)
+    options = TransferOptions(source_base=source_base, source_ft=source_ft, scale=scale, include=include,
+                              exclude=exclude, vocab=vocab, rank=rank)
     transfer(source_base, source_ft, target_base, None if report_only else out, options, force=force,
              on_report=echo_report)
     if not report_only:
@@ -83,10 +114,10 @@ def transfer_group(ctx, source_base, source_ft, target_base, out, scale, include
 
 
 @transfer_group.command("extract")
-@click.option("--source-base", required=True, help="Base model of the source version.")
-@click.option("--source-ft", required=True, help="Fine-tuned model of the source version.")
+@field_option("--source-base", field="source_base", required=True)
+@field_option("--source-ft", field="source_ft", required=True)
 @click.option("--out", required=True, help="Artifact folder to write.")
-@click.option("--rank", type=int, default=None, help="Store each matrix's diff as a rank-K truncated SVD.")
+@field_option("--rank", field="rank", type=int, help="Store each matrix's diff as a rank-K truncated SVD.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "float64"]), default="float32",
               show_default=True, help="Storage dtype of the diff.")
 @include_option
@@ -94,10 +125,11 @@ def transfer_group(ctx, source_base, source_ft, target_base, out, scale, include
 @force_option
 def extract_command(source_base, source_ft, out, rank, dtype, include, exclude, force):
     """Write the diff SOURCE-FT − SOURCE-BASE as a small artifact (low-rank with --rank)."""
-    from compress.transfer import extract
+    from compress.methods.transfer import TransferOptions, extract
 
-    description = extract(source_base, source_ft, out, rank=rank, include=include, exclude=exclude,
-                          dtype=dtype, force=force)
+    options = TransferOptions(source_base=source_base, source_ft=source_ft, rank=rank, include=include,
+                              exclude=exclude)
+    description = extract(source_base, source_ft, out, options, dtype=dtype, force=force)
     kept = [m["kept_energy"] for m in description["tensors"].values() if "kept_energy" in m]
     if kept:
         click.echo(f"rank {rank}: kept energy min {min(kept):.4g}, mean {sum(kept) / len(kept):.4g} "
@@ -116,9 +148,10 @@ def extract_command(source_base, source_ft, out, rank, dtype, include, exclude, 
 @force_option
 def apply_command(diff, target_base, out, scale, include, exclude, vocab, force):
     """Add λ times the diff artifact DIFF to TARGET-BASE."""
-    from compress.transfer import apply
+    from compress.methods.transfer import TransferOptions, apply
 
-    apply(diff, target_base, out, scale=scale, include=include, exclude=exclude, vocab=vocab, force=force,
+    options = TransferOptions(scale=scale, include=include, exclude=exclude, vocab=vocab)
+    apply(diff, target_base, out, options, force=force,
           on_report=lambda report: echo_report(report, "diff artifact"))
     click.echo(f"wrote {out}")
 

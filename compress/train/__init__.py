@@ -1,1 +1,1 @@
-"""Training: examples (``data``) and the accelerate training loop (``loop``)."""
+"""Training: examples (``data``), losses (``losses``) and the accelerate training loop (``loop``)."""

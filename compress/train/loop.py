@@ -9,8 +9,10 @@ the global positions ``[s*G, (s+1)*G)`` with ``G = batch_size * grad_accum * pro
 torch RNG is reseeded from ``(seed, step, rank)`` at every step, so nothing but the model, optimizer,
 scheduler and the step counter needs restoring; those go through ``accelerator.save_state``.
 
-The loss of a step is the mean token cross-entropy over the whole global batch (all micro-batches
-of all processes): each micro-batch's token-sum is divided by the global label count, so one
+The loss is a parameter (:mod:`compress.train.losses`; default next-token cross-entropy, also
+distillation to a teacher's logits or hidden states). The loss of a step is its mean over the whole
+global batch (all micro-batches of all processes): each micro-batch's sum is divided by the global
+count of scored positions, known before the step from the examples (``loss.example_count``), so one
 process with batch 2B and two processes with batch B take the same gradient.
 """
 
@@ -26,10 +28,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from compress.errors import CompressError
-from compress.train.data import IGNORE_INDEX, Example, collate
+from compress.train.data import Example, collate
+from compress.train.losses import CrossEntropyLoss, TrainLoss, example_label_count, token_loss_sum  # noqa: F401
 
 log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step-"
@@ -112,21 +114,14 @@ def global_positions(step: int, n_examples: int, global_batch: int, seed: int) -
     return out
 
 
-def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropies over the labelled tokens, and their count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shifted = batch["labels"][:, 1:]
-    # (batch, T-1, vocab) against (batch, T-1); float32 so bf16 logits do not lose the loss.
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), shifted.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((shifted != IGNORE_INDEX).sum())
-
-
 @torch.no_grad()
-def evaluate_loss(model, examples: list[Example], batch_size: int, pad_id: int, accelerator) -> float | None:
-    """Mean token loss over ``examples``, each process scoring its share."""
+def evaluate_loss(model, examples: list[Example], batch_size: int, pad_id: int, accelerator,
+                  loss: TrainLoss | None = None) -> float | None:
+    """Mean of ``loss`` (default cross-entropy) per scored position over ``examples``, each process
+    scoring its share."""
     if not examples:
         return None
+    loss = CrossEntropyLoss() if loss is None else loss
     was_training = model.training
     model.eval()
     mine = examples[accelerator.process_index::accelerator.num_processes]
@@ -134,8 +129,8 @@ def evaluate_loss(model, examples: list[Example], batch_size: int, pad_id: int, 
     for start in range(0, len(mine), batch_size):
         batch = {k: v.to(accelerator.device) for k, v in collate(mine[start:start + batch_size], pad_id).items()}
         with accelerator.autocast():
-            loss, count = token_loss_sum(model, batch)
-        total += torch.tensor([loss.item(), count], dtype=torch.float64, device=accelerator.device)
+            loss_sum, count = loss(model, batch)
+        total += torch.tensor([loss_sum.item(), count], dtype=torch.float64, device=accelerator.device)
     total = accelerator.reduce(total, "sum")
     model.train(was_training)
     return float(total[0] / total[1])
@@ -148,9 +143,9 @@ def latest_checkpoint(folder: Path | None) -> Path | None:
     return found[-1] if found else None
 
 
-def _label_count(examples: list[Example], idx: list[int]) -> int:
-    # A label at position 0 is never predicted (no previous token), hence [1:].
-    return sum(sum(1 for t in examples[i].labels[1:] if t != IGNORE_INDEX) for i in idx)
+def _counter(loss) -> Callable[[Example], int]:
+    """Positions ``loss`` scores in one example (a loss without ``example_count`` counts labelled positions)."""
+    return getattr(loss, "example_count", example_label_count)
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -161,17 +156,21 @@ def _peak_memory(device: torch.device) -> int:
 
 def train(model, train_examples: list[Example], eval_examples: list[Example], config: TrainConfig, pad_id: int,
           accelerator=None, checkpoint_dir: Path | None = None, resume: bool = False,
-          on_step: Callable[[int, TrainState], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, TrainState], None] | None = None, loss: TrainLoss | None = None) -> TrainResult:
     """Train the parameters of ``model`` that require grad. Returns losses and speed.
 
-    ``on_step(step, state)`` runs after each optimizer step and its checkpoint (tests use it to kill
-    a run). With ``resume`` the latest complete checkpoint in ``checkpoint_dir`` is restored first.
+    ``loss`` (:mod:`compress.train.losses`; default :class:`CrossEntropyLoss`) is minimised and also
+    reported on ``eval_examples``. ``on_step(step, state)`` runs after each optimizer step and its
+    checkpoint (tests use it to kill a run). With ``resume`` the latest complete checkpoint in
+    ``checkpoint_dir`` is restored first.
     """
     from compress.progress import bar
 
     config.check()
     if not train_examples:
         raise CompressError("no training examples")
+    loss = CrossEntropyLoss() if loss is None else loss
+    count_of = _counter(loss)
     accelerator = accelerator or make_accelerator(config.grad_accum)
     world, rank = accelerator.num_processes, accelerator.process_index
     torch.manual_seed(config.seed)
@@ -198,7 +197,7 @@ def train(model, train_examples: list[Example], eval_examples: list[Example], co
     micro, accum = config.batch_size, config.grad_accum
     global_batch = micro * accum * world
     if state.step == 0 and not state.eval_losses and eval_examples:
-        state.eval_losses.append([0, evaluate_loss(model, eval_examples, micro, pad_id, accelerator)])
+        state.eval_losses.append([0, evaluate_loss(model, eval_examples, micro, pad_id, accelerator, loss)])
     model.train()
     progress = bar("training", total=config.steps, unit="step") if accelerator.is_main_process else None
     if progress is not None:
@@ -208,7 +207,7 @@ def train(model, train_examples: list[Example], eval_examples: list[Example], co
         started = time.perf_counter()
         torch.manual_seed(config.seed * 1_000_003 + step * 1009 + rank)  # dropout etc., restorable by step
         positions = global_positions(step, len(train_examples), global_batch, config.seed)
-        n_labels = max(_label_count(train_examples, positions), 1)
+        n_labels = max(sum(count_of(train_examples[i]) for i in positions), 1)
         step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         step_tokens = 0
         for m in range(accum):
@@ -218,9 +217,13 @@ def train(model, train_examples: list[Example], eval_examples: list[Example], co
             step_tokens += int(batch["attention_mask"].sum())
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    loss_sum, _ = token_loss_sum(model, batch)
+                    loss_sum, count = loss(model, batch)
+                expected = sum(count_of(train_examples[i]) for i in mine)
+                if count != expected:  # the normalisation would be wrong: a bug in the loss, not user input
+                    raise RuntimeError(f"{type(loss).__name__} scored {count} positions, its example_count says "
+                                       f"{expected}")
                 # accelerate divides by grad_accum and DDP averages over processes: undo both so the
-                # gradient is that of (sum of token losses of the global batch) / (its label count).
+                # gradient is that of (sum of the losses of the global batch) / (its count).
                 accelerator.backward(loss_sum * (world * accum / n_labels))
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -239,7 +242,7 @@ def train(model, train_examples: list[Example], eval_examples: list[Example], co
         state.tokens += tokens
         state.seconds += time.perf_counter() - started
         if eval_examples and config.eval_every and state.step % config.eval_every == 0 and state.step < config.steps:
-            state.eval_losses.append([state.step, evaluate_loss(model, eval_examples, micro, pad_id, accelerator)])
+            state.eval_losses.append([state.step, evaluate_loss(model, eval_examples, micro, pad_id, accelerator, loss)])
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{state.tokens / max(state.seconds, 1e-9):.0f}")
@@ -250,7 +253,7 @@ def train(model, train_examples: list[Example], eval_examples: list[Example], co
     if progress is not None:
         progress.close()
     if eval_examples and (not state.eval_losses or state.eval_losses[-1][0] != state.step):
-        state.eval_losses.append([state.step, evaluate_loss(model, eval_examples, micro, pad_id, accelerator)])
+        state.eval_losses.append([state.step, evaluate_loss(model, eval_examples, micro, pad_id, accelerator, loss)])
     steps_timed = max(len(state.train_losses), 1)
     return TrainResult(
         steps=state.step, train_losses=state.train_losses, eval_losses=state.eval_losses,

@@ -26,11 +26,12 @@ import math
 
 import torch
 
+from compress.arch import SHORT_NAMES, layer_index
 from compress.errors import CompressError
 
 log = logging.getLogger(__name__)
 ADAPTER_METHODS = ("bone", "bat", "lora")
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_PROJECTIONS = SHORT_NAMES  # q_proj … down_proj, as peft's target_modules name them
 
 
 def targeted_linears(model: torch.nn.Module, targets: tuple[str, ...] | list[str],
@@ -40,20 +41,12 @@ def targeted_linears(model: torch.nn.Module, targets: tuple[str, ...] | list[str
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or name.split(".")[-1] not in targets:
             continue
-        if layers is not None and _layer_index(name) not in layers:
+        if layers is not None and layer_index(name) not in layers:
             continue
         found[name] = module
     if not found:
         raise CompressError(f"no Linear module named {', '.join(targets)} in the model")
     return found
-
-
-def _layer_index(name: str) -> int | None:
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part == "layers" and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
 
 
 def check_rank(method: str, r: int, modules: dict[str, torch.nn.Linear]) -> None:

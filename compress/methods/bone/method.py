@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from compress.errors import ConfigError
-from compress.methods.base import ModelMethod, config_field, register
+from compress.methods.base import ModelMethod, RunContext, config_field, register
 from compress.methods.bone.adapter import ALL_PROJECTIONS, attach_adapter, trainable_parameters
 
 
@@ -28,21 +30,43 @@ class AdapterConfig:
 
 
 class AdapterMethod(ModelMethod):
-    """Attach a peft adapter, train it with compress.train.loop, return the peft model and the losses."""
+    """Attach a peft adapter, train it with compress.train.loop, return the peft model and the losses.
+
+    ``run`` reads from ``ctx.extras``: ``train_examples`` (required, a list of
+    :class:`compress.train.data.Example`), and optionally ``eval_examples`` (default none),
+    ``train_config`` (a :class:`compress.train.loop.TrainConfig`; default: its defaults with
+    ``ctx.seed``), ``pad_id`` (default: the tokenizer's pad id, else 0), ``accelerator`` (default: one
+    for ``ctx.device``), ``checkpoint_dir``, ``resume``, ``on_step`` and ``loss`` (see
+    :func:`compress.train.loop.train`).
+    """
 
     Config: ClassVar[type] = AdapterConfig
+    output_format: ClassVar[str] = "peft"
+    verb: ClassVar[str] = "adapt"
+    requires: ClassVar[tuple[str, ...]] = ("train_examples",)  # from `compress adapt`, not from a recipe
 
     def attach(self, model, seed: int = 0):
         c = self.config
         return attach_adapter(model, self.name, c.r, c.targets, c.layers, c.lora_alpha, c.dropout, seed)
 
-    def run(self, model, *, train_examples, eval_examples, train_config, pad_id, accelerator=None,
-            checkpoint_dir=None, resume=False, on_step=None, **_) -> dict:
-        from compress.train.loop import train
+    def run(self, ctx: RunContext) -> dict:
+        from compress.train.loop import TrainConfig, make_accelerator, train
 
-        peft_model = self.attach(model, train_config.seed)
-        result = train(peft_model, train_examples, eval_examples, train_config, pad_id, accelerator=accelerator,
-                       checkpoint_dir=checkpoint_dir, resume=resume, on_step=on_step)
+        extras = ctx.extras
+        if not extras.get("train_examples"):
+            raise ConfigError(f"method {self.name} trains an adapter and needs training examples "
+                              f"(ctx.extras['train_examples']): use compress adapt")
+        train_config = extras.get("train_config") or TrainConfig(seed=ctx.seed)
+        pad_id = extras.get("pad_id")
+        if pad_id is None:
+            pad_id = getattr(ctx.tokenizer, "pad_token_id", None)
+            pad_id = 0 if pad_id is None else pad_id
+        accelerator = extras.get("accelerator") or make_accelerator(
+            train_config.grad_accum, "cpu" if torch.device(ctx.device).type == "cpu" else "auto")
+        peft_model = self.attach(ctx.model, train_config.seed)
+        result = train(peft_model, extras["train_examples"], extras.get("eval_examples") or [], train_config, pad_id,
+                       accelerator=accelerator, checkpoint_dir=extras.get("checkpoint_dir"),
+                       resume=extras.get("resume", False), on_step=extras.get("on_step"), loss=extras.get("loss"))
         return {"model": peft_model, "result": result, "trainable_parameters": trainable_parameters(peft_model)}
 
 

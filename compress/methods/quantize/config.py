@@ -4,19 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from compress.arch import SEQUENTIAL_GROUPS  # noqa: F401  (re-exported)
 from compress.errors import ConfigError
 from compress.plugin import config_field
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = "-1 (per output channel) or a positive size such as 32, 64, 128"
-# The Linear modules of a LLaMA decoder layer, in GPTQ's sequential order (q/k/v see the same input,
-# then o, then gate/up, then down): each later group is observed with the earlier ones quantized.
-SEQUENTIAL_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
+# SEQUENTIAL_GROUPS (compress.arch): the Linear modules of a LLaMA decoder layer in GPTQ's sequential
+# order (q/k/v see the same input, then o, then gate/up, then down): each later group is observed with
+# the earlier ones quantized.
 
 
 @dataclass

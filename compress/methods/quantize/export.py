@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -56,12 +57,18 @@ def check_exportable(model: torch.nn.Module, names: list[str], bits: int, group_
     modules = dict(model.named_modules())
     for name in names:
         out, width = modules[name].weight.shape
-        if group_size != -1 and width % group_size:
-            raise CompressError(f"--group-size {group_size} does not divide the input width {width} of {name}; "
-                                "choose a divisor (e.g. 32, 64) or -1 for per-channel")
-        if fmt == "gptq" and ((width * bits) % 32 or (out * bits) % 32):
-            raise CompressError(f"--format gptq packs {bits}-bit codes into 32-bit words: {name} is {out}×{width}, "
-                                f"both must be multiples of {32 // __import__('math').gcd(32, bits)}")
+        check_shape(name, out, width, bits, group_size, fmt)
+
+
+def check_shape(name: str, out: int | None, width: int | None, bits: int, group_size: int, fmt: str) -> None:
+    """One module of ``out`` × ``width`` (None: a dimension not known yet, not checked)."""
+    if width is not None and group_size != -1 and width % group_size:
+        raise CompressError(f"--group-size {group_size} does not divide the input width {width} of {name}; "
+                            "choose a divisor (e.g. 32, 64) or -1 for per-channel")
+    words = [d for d in (width, out) if d is not None]
+    if fmt == "gptq" and any((d * bits) % 32 for d in words):
+        raise CompressError(f"--format gptq packs {bits}-bit codes into 32-bit words: {name} is "
+                            f"{out or '?'}×{width or '?'}, both must be multiples of {32 // math.gcd(32, bits)}")
 
 
 def _base_state(model: torch.nn.Module, quantized: dict) -> dict[str, torch.Tensor]:
@@ -128,7 +135,7 @@ def compressed_tensors_state(module: torch.nn.Linear, params: QuantParams, schem
     return {k: v.contiguous() for k, v in packed.items()}
 
 
-def _single_grid(quantized: dict) -> QuantParams:
+def single_grid(quantized: dict) -> QuantParams:
     kinds = {(p.bits, p.group_size, p.sym) for _, p in quantized.values()}
     if not quantized:
         raise CompressError("no quantized Linear module to export")
@@ -137,18 +144,25 @@ def _single_grid(quantized: dict) -> QuantParams:
     return next(iter(quantized.values()))[1]
 
 
+def write_compressed_tensors(model, tokenizer, folder: Path) -> None:
+    """Weights, config (with ``quantization_config``) and tokenizer into an existing ``folder``."""
+    quantized = quantized_linears(model)
+    first = single_grid(quantized)
+    ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
+    qconfig, scheme = compressed_tensors_config(first, ignore)
+    state = _base_state(model, quantized)
+    for name, (module, params) in quantized.items():
+        for key, tensor in compressed_tensors_state(module, params, scheme).items():
+            state[f"{name}.{key}"] = tensor
+    _save_common(model, tokenizer, folder, state, qconfig)
+
+
 def save_compressed_tensors(model, tokenizer, out, record: dict, source_path=None, force: bool = False,
                             extra_files: dict[str, str] | None = None) -> Path:
     quantized = quantized_linears(model)
-    first = _single_grid(quantized)
-    ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
-    qconfig, scheme = compressed_tensors_config(first, ignore)
+    single_grid(quantized)  # fails before the output folder is touched
     with atomic_output(out, [source_path], force) as tmp:
-        state = _base_state(model, quantized)
-        for name, (module, params) in quantized.items():
-            for key, tensor in compressed_tensors_state(module, params, scheme).items():
-                state[f"{name}.{key}"] = tensor
-        _save_common(model, tokenizer, tmp, state, qconfig)
+        write_compressed_tensors(model, tokenizer, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         write_record(tmp, record)
@@ -172,22 +186,29 @@ def gptq_quantize_config(params: QuantParams, act_order: bool, sequential: bool,
             "quant_method": "gptq", "checkpoint_format": "gptq", "model_file_base_name": "model"}
 
 
+def write_gptq(model, tokenizer, folder: Path, act_order: bool = False, sequential: bool = True, damp: float = 0.01,
+               static_groups: bool = True) -> None:
+    """Weights, config, quantize_config.json and tokenizer into an existing ``folder``."""
+    quantized = quantized_linears(model)
+    first = single_grid(quantized)
+    qconfig = gptq_quantize_config(first, act_order, sequential, damp, static_groups)
+    state = _base_state(model, quantized)
+    for name, (module, params) in quantized.items():
+        for key, tensor in gptq_tensors(params).items():
+            state[f"{name}.{key}"] = tensor
+        if module.bias is not None:
+            state[f"{name}.bias"] = module.bias.detach().half()
+    _save_common(model, tokenizer, folder, state, qconfig)
+    (folder / "quantize_config.json").write_text(json.dumps(qconfig, indent=2) + "\n")
+
+
 def save_gptq(model, tokenizer, out, record: dict, source_path=None, force: bool = False, act_order: bool = False,
               sequential: bool = True, damp: float = 0.01, extra_files: dict[str, str] | None = None,
               static_groups: bool = True) -> Path:
-    quantized = quantized_linears(model)
-    first = _single_grid(quantized)
-    qconfig = gptq_quantize_config(first, act_order, sequential, damp, static_groups)
+    single_grid(quantized_linears(model))  # fails before the output folder is touched
     with atomic_output(out, [source_path], force) as tmp:
-        state = _base_state(model, quantized)
-        for name, (module, params) in quantized.items():
-            for key, tensor in gptq_tensors(params).items():
-                state[f"{name}.{key}"] = tensor
-            if module.bias is not None:
-                state[f"{name}.bias"] = module.bias.detach().half()
-        _save_common(model, tokenizer, tmp, state, qconfig)
+        write_gptq(model, tokenizer, tmp, act_order, sequential, damp, static_groups)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        (tmp / "quantize_config.json").write_text(json.dumps(qconfig, indent=2) + "\n")
         write_record(tmp, record)
     return Path(out).expanduser().resolve()

@@ -11,7 +11,7 @@ from compress.methods.quantize.config import SEQUENTIAL_GROUPS, GPTQConfig
 from compress.methods.quantize.gptq import GPTQ, CholeskyFailed, output_error
 from compress.methods.quantize.grid import rtn_quantize
 from compress.methods.quantize.rtn import set_quantized, weight_error
-from compress.methods.quantize.targets import check_group_size, layer_targets
+from compress.methods.quantize.targets import check_group_size, check_quantizable, layer_targets
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,11 @@ class GPTQMethod(LayerMethod):
     help = "GPTQ weight quantization (2/3/4/8 bits, groups, sym/asym, act-order) with Hessian error feedback."
     Config = GPTQConfig
     stageable = True
+    verb = "quantize"
     output_format = "compressed-tensors"  # quantized weights (gptq writes them too)
+
+    def prepare(self, model):
+        check_quantizable(model, self.config.ignore)
 
     def groups(self, layer, index):
         order = [n for group in SEQUENTIAL_GROUPS for n in group]

@@ -7,7 +7,7 @@ import torch
 from compress.plugin import Group, LayerMethod, register
 from compress.methods.quantize.config import RTNConfig
 from compress.methods.quantize.grid import QuantParams, rtn_quantize
-from compress.methods.quantize.targets import check_group_size, layer_targets
+from compress.methods.quantize.targets import check_group_size, check_quantizable, layer_targets
 
 
 def set_quantized(module: torch.nn.Linear, params: QuantParams) -> torch.Tensor:
@@ -30,7 +30,12 @@ class RTN(LayerMethod):
     help = "Round-to-nearest integer weight quantization (2/3/4/8 bits, groups, sym/asym)."
     Config = RTNConfig
     stageable = True
+    needs_data = False
+    verb = "quantize"
     output_format = "compressed-tensors"  # quantized weights (gptq writes them too)
+
+    def prepare(self, model):
+        check_quantizable(model, self.config.ignore)
 
     def groups(self, layer, index):
         names = layer_targets(layer, index, self.config.ignore)

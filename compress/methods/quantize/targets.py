@@ -7,6 +7,7 @@ import re
 
 import torch
 
+from compress.arch import module_name
 from compress.errors import CompressError, ConfigError
 
 
@@ -40,7 +41,7 @@ def layer_targets(layer: torch.nn.Module, index: int, patterns: list[str], order
     if order is not None:
         ranked = {n: k for k, n in enumerate(order)}
         names.sort(key=lambda n: ranked.get(n, len(ranked)))
-    return [n for n in names if not is_ignored(f"model.layers.{index}.{n}", patterns)]
+    return [n for n in names if not is_ignored(module_name(index, n), patterns)]
 
 
 def check_group_size(layer: torch.nn.Module, index: int, names: list[str], group_size: int, method: str) -> None:
@@ -52,5 +53,21 @@ def check_group_size(layer: torch.nn.Module, index: int, names: list[str], group
         width = layer.get_submodule(name).in_features
         if width % group_size:
             raise CompressError(f"{method}: group_size {group_size} does not divide the input width {width} of "
-                                f"model.layers.{index}.{name}; choose a group size that divides every width "
+                                f"{module_name(index, name)}; choose a group size that divides every width "
                                 "(-1: per channel), or prune to multiples of it (slimgpt: ffn_multiple)")
+
+
+def check_quantizable(model: torch.nn.Module, patterns: list[str]) -> None:
+    """Before any data: the model is still float (an already quantized checkpoint is not what GPTQ/RTN
+    need), every ignore pattern matches a Linear, and something is left to quantize."""
+    from compress.arch import decoder_layers
+
+    config = getattr(model, "config", None)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else \
+            getattr(quantization, "quant_method", "quantized")
+        raise CompressError(f"the model is already quantized ({method}); quantize the float model it came from instead")
+    check_ignore_patterns(model, patterns)
+    if not any(layer_targets(layer, i, patterns) for i, layer in enumerate(decoder_layers(model))):
+        raise CompressError("the ignore patterns leave no Linear module to quantize")

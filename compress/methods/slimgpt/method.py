@@ -33,13 +33,10 @@ MLP = "mlp.down_proj"
 
 def model_shapes(model: torch.nn.Module) -> list[LayerShape]:
     """The widths of every decoder layer as the modules are now (works on pruned models too)."""
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    shapes = []
-    for layer in model.model.layers:
-        heads, kv, ffn = layer_widths(layer, head_dim)
-        shapes.append(LayerShape(config.hidden_size, heads, kv, head_dim, ffn))
-    return shapes
+    from compress.arch import layout
+
+    lay = layout(model)
+    return [LayerShape(lay.hidden, w.heads, w.kv_heads, lay.head_dim, w.ffn) for w in lay.layers]
 
 
 @register
@@ -47,6 +44,7 @@ class SlimGPT(LayerMethod):
     name = "slimgpt"
     help = "Structured pruning of attention heads and FFN channels (SlimGPT, OBS with compensation)."
     Config = SlimGPTConfig
+    verb = "prune"
 
     def __init__(self, config: SlimGPTConfig | None = None):
         super().__init__(config)
@@ -60,6 +58,12 @@ class SlimGPT(LayerMethod):
                                 self.config.gqa_unit, self.config.prune_attention,
                                 self.config.ffn_multiple)
         return self.plans
+
+    def describe_layers(self, model: torch.nn.Module) -> list[dict] | None:
+        if self.plans is None:
+            return None
+        return [{"ratio": round(plan.ratio, 4), "heads": shape.heads, "kv_heads": shape.kv_heads, "ffn": shape.ffn}
+                for plan, shape in zip(self.plans, model_shapes(model))]
 
     def _plan(self, index: int) -> LayerPlan:
         if self.plans is None:

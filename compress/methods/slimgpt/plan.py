@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from compress.arch import projection_parameters
 from compress.errors import CompressError
 from compress.methods.slimgpt.schedule import layer_ratios
 
@@ -29,7 +30,11 @@ class LayerShape:
 
     @property
     def prunable(self) -> int:
-        return self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads) + 3 * self.hidden * self.ffn
+        return self.cost(self.heads, self.kv_heads, self.ffn)
+
+    def cost(self, heads: int = 0, kv_heads: int = 0, channels: int = 0) -> int:
+        """Projection weights of so many query heads, KV heads and FFN channels of this layer."""
+        return projection_parameters(self.hidden, self.head_dim, heads, kv_heads, channels)
 
 
 @dataclass
@@ -50,16 +55,17 @@ def plan_layer(ratio: float, shape: LayerShape, unit: str, prune_attention: bool
     groups = shape.heads // shape.kv_heads  # query heads per KV head
     if groups == 1:
         unit = "kv"  # no GQA: a head goes with its own key and value
-    if unit == "query":
-        total_units, unit_cost = groups, 2 * shape.hidden * shape.head_dim * shape.kv_heads
-    else:
-        total_units, unit_cost = shape.kv_heads, (2 * groups + 2) * shape.hidden * shape.head_dim
+    if unit == "query":  # one query head of every KV group
+        total_units, unit_cost = groups, shape.cost(heads=shape.kv_heads)
+    else:  # one KV head with its query heads
+        total_units, unit_cost = shape.kv_heads, shape.cost(heads=groups, kv_heads=1)
     target = ratio * shape.prunable
     units = min(round(ratio * total_units), total_units - 1) if prune_attention else 0
-    channels = round((target - units * unit_cost) / (3 * shape.hidden))
+    channel_cost = shape.cost(channels=1)
+    channels = round((target - units * unit_cost) / channel_cost)
     while channels < 0 and units > 0:  # attention rounding overshot the layer's budget
         units -= 1
-        channels = round((target - units * unit_cost) / (3 * shape.hidden))
+        channels = round((target - units * unit_cost) / channel_cost)
     channels = max(channels, 0)
     if ffn_multiple > 1:  # keep a multiple of ffn_multiple channels (e.g. a quantization group size)
         kept = min(max(round((shape.ffn - channels) / ffn_multiple), 1) * ffn_multiple,
@@ -85,5 +91,4 @@ def plan_model(shapes: list[LayerShape], target: float, schedule: str, min_scale
 
 
 def removed_parameters(shape: LayerShape, plan: LayerPlan) -> int:
-    return (shape.hidden * shape.head_dim * (2 * plan.heads_removed + 2 * plan.kv_removed)
-            + 3 * shape.hidden * plan.channels_removed)
+    return shape.cost(plan.heads_removed, plan.kv_removed, plan.channels_removed)

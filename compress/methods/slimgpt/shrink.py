@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress import arch
+from compress.arch import head_channels, layer_widths  # noqa: F401  (re-exported: the layout map owns them)
+
 
 def _set_weight(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
     linear.weight = nn.Parameter(weight.to(linear.weight.dtype).contiguous(), requires_grad=False)
@@ -24,12 +27,6 @@ def _rows(linear: nn.Linear, index: torch.Tensor) -> None:
     _set_weight(linear, linear.weight[index], bias)
 
 
-def head_channels(heads: list[int], head_dim: int, device=None) -> torch.Tensor:
-    """Column (or row) indices of whole heads: head h covers [h·d, (h+1)·d)."""
-    index = torch.tensor(heads, dtype=torch.long, device=device)
-    return (index[:, None] * head_dim + torch.arange(head_dim, device=device)).reshape(-1)  # (len·d,)
-
-
 def shrink_attention(attn: nn.Module, o_weight: torch.Tensor, kept_heads: list[int], kept_kv: list[int],
                      head_dim: int) -> None:
     """Keep query heads ``kept_heads`` and KV heads ``kept_kv``; ``o_weight`` is the compensated o_proj.
@@ -38,27 +35,23 @@ def shrink_attention(attn: nn.Module, o_weight: torch.Tensor, kept_heads: list[i
     """
     if len(kept_heads) % len(kept_kv):
         raise ValueError(f"{len(kept_heads)} query heads cannot share {len(kept_kv)} KV heads evenly")
-    device = attn.o_proj.weight.device
+    o_proj = arch.projection(attn, arch.O)
+    device = o_proj.weight.device
     q_index = head_channels(kept_heads, head_dim, device)
     kv_index = head_channels(kept_kv, head_dim, device)
-    _rows(attn.q_proj, q_index)
-    _rows(attn.k_proj, kv_index)
-    _rows(attn.v_proj, kv_index)
-    _set_weight(attn.o_proj, o_weight[:, q_index], attn.o_proj.bias)
+    _rows(arch.projection(attn, arch.Q), q_index)
+    for name in arch.KV:
+        _rows(arch.projection(attn, name), kv_index)
+    _set_weight(o_proj, o_weight[:, q_index], o_proj.bias)
     attn.num_key_value_groups = len(kept_heads) // len(kept_kv)
 
 
 def shrink_mlp(mlp: nn.Module, down_weight: torch.Tensor, kept: list[int]) -> None:
     """Keep FFN channels ``kept``; ``down_weight`` is the compensated down_proj."""
-    index = torch.tensor(kept, dtype=torch.long, device=mlp.down_proj.weight.device)
-    _rows(mlp.gate_proj, index)
-    _rows(mlp.up_proj, index)
-    _set_weight(mlp.down_proj, down_weight[:, index], mlp.down_proj.bias)
+    down = arch.projection(mlp, arch.DOWN)
+    index = torch.tensor(kept, dtype=torch.long, device=down.weight.device)
+    for name in arch.MLP_IN:
+        _rows(arch.projection(mlp, name), index)
+    _set_weight(down, down_weight[:, index], down.bias)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = len(kept)
-
-
-def layer_widths(layer: nn.Module, head_dim: int) -> tuple[int, int, int]:
-    """(query heads, KV heads, FFN channels) of a decoder layer as it is now."""
-    attn, mlp = layer.self_attn, layer.mlp
-    return attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim, mlp.down_proj.in_features

@@ -4,8 +4,9 @@
 small artifact and ``apply`` adds an artifact to a target base.
 """
 
-from compress.transfer.artifact import apply, extract
-from compress.transfer.report import CompatibilityReport
-from compress.transfer.streaming import TransferOptions, transfer
+from compress.methods.transfer.artifact import apply, extract
+from compress.methods.transfer.options import TransferOptions
+from compress.methods.transfer.report import CompatibilityReport
+from compress.methods.transfer.streaming import transfer
 
 __all__ = ["transfer", "extract", "apply", "TransferOptions", "CompatibilityReport"]

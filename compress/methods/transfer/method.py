@@ -1,42 +1,25 @@
 """The ``transfer`` method for recipes and the Python API: add a diff to an in-memory model.
 
-The model in memory is the target base; Δ is streamed from the source checkpoints block by block,
-with the same plan, checks and float64 arithmetic as ``compress transfer``. A vocabulary change
-(added tokens) needs new rows and so a new model: use the command (or ``transfer()``) for that.
+The model in memory (``ctx.model``) is the target base; Δ is streamed from the source checkpoints
+block by block, with the same plan, checks and float64 arithmetic as ``compress transfer``. A
+vocabulary change (added tokens) needs new rows and so a new model: use the command (or
+``transfer()``) for that. Its Config is :class:`~compress.methods.transfer.options.TransferOptions`,
+the same type as the command's; ``vocab`` defaults to ``error`` here (``pad`` for a checkpoint).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from compress.errors import CompressError, ConfigError
-from compress.methods.base import ModelMethod, config_field, register
-from compress.transfer.plan import check_architectures, plan_tensors
-from compress.transfer.streaming import (CheckpointDiff, TransferOptions, resolve_inputs, row_blocks,
-                                         transferred_block)
-from compress.transfer.checkpoint import Checkpoint
-from compress.transfer.report import TensorStats, CompatibilityReport
-
-
-@dataclass
-class TransferConfig:
-    source_base: str = config_field("", "Base model of the source version (folder, GGUF or alias).")
-    source_ft: str = config_field("", "Fine-tuned model of the source version.")
-    scale: float = config_field(1.0, "λ: the model becomes θ + λ·(θ_ft − θ_base).")
-    include: str | None = config_field(None, "Regex: only tensors whose name matches get the diff.")
-    exclude: str | None = config_field(None, "Regex: tensors whose name matches are left unchanged.")
-    vocab: Literal["pad", "truncate", "error"] = config_field("error", "In memory rows cannot be added: "
-                                                              "a vocabulary mismatch is an error.")
-    rank: int | None = config_field(None, "Keep a rank-K truncated SVD of each matrix's diff.")
-
-    def __post_init__(self):
-        if not self.source_base or not self.source_ft:
-            raise ConfigError("fields 'source_base' and 'source_ft' are required")
-        if self.rank is not None and self.rank <= 0:
-            raise ConfigError(f"field 'rank' must be a positive integer, got {self.rank}")
+from compress.errors import CompressError
+from compress.plugin import ModelMethod, RunContext, register
+from compress.methods.transfer.checkpoint import Checkpoint
+from compress.methods.transfer.options import TransferOptions
+from compress.methods.transfer.plan import check_architectures, plan_tensors
+from compress.methods.transfer.report import CompatibilityReport, TensorStats
+from compress.methods.transfer.streaming import CheckpointDiff, resolve_inputs, row_blocks, transferred_block
 
 
 class StateDictTarget:
@@ -75,19 +58,26 @@ class _Info:
 class FineTuningTransfer(ModelMethod):
     name = "transfer"
     help = "Add a fine-tuning diff (θ_ft − θ_base) of another model version to this model."
-    Config = TransferConfig
+    Config = TransferOptions
+
+    def __init__(self, config: TransferOptions | None = None):
+        super().__init__(config)
+        self.config.check(method=f"method {self.name}")  # both sources given, values valid, no shard options
+        # the in-memory default of vocab (error), made explicit so the recipe's record shows it
+        self.config = self.config.replace(vocab=self.config.resolved_vocab(in_memory=True))
 
     @torch.no_grad()
-    def run(self, model: torch.nn.Module, **context) -> dict:
-        cfg = self.config
+    def run(self, ctx: RunContext) -> dict:
+        """Add λ·Δ to ``ctx.model``'s weights in place (on whatever device they are); the record
+        holds the compatibility report."""
+        cfg, model = self.config, ctx.model
         folders = resolve_inputs({"source base": cfg.source_base, "source fine-tuned model": cfg.source_ft})
         base, ft = (Checkpoint(folder, label) for label, folder in folders.items())
         check_architectures({"source base": base.config(), "source fine-tuned model": ft.config(),
                              "target base": model.config.to_dict()})
         source, target = CheckpointDiff(base, ft, cfg.rank), StateDictTarget(model)
-        plans = plan_tensors(source, target, cfg.include, cfg.exclude, cfg.vocab)
-        options = TransferOptions(scale=cfg.scale, rank=cfg.rank)
-        report = CompatibilityReport()
+        plans = plan_tensors(source, target, cfg.include, cfg.exclude, cfg.resolved_vocab(in_memory=True))
+        report = CompatibilityReport(warn_drift=cfg.warn_drift, warn_cosine=cfg.warn_cosine)
         for plan in plans:
             if not plan.transfer:
                 continue
@@ -95,7 +85,7 @@ class FineTuningTransfer(ModelMethod):
                 raise CompressError(f"{plan.name}: the vocabulary changes ({plan.rows}); an in-memory model "
                                     f"cannot grow rows, use compress transfer")
             stats, tensor = TensorStats(plan.name), target.state[plan.name]
-            for a, b in row_blocks(plan.shape, options.block_bytes):
+            for a, b in row_blocks(plan.shape, cfg.block_bytes):
                 block = transferred_block(plan, source, target, cfg.scale, a, b, stats)
                 if tensor.dim() == 0:
                     tensor.copy_(block.reshape(()))

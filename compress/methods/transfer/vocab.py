@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from compress.errors import CompressError
 
 VOCAB_POLICIES = ("pad", "truncate", "error")
+VOCAB_DEFAULT_CHECKPOINT = "pad"  # a written checkpoint gets the rows of added tokens
+VOCAB_DEFAULT_IN_MEMORY = "error"  # a model in memory cannot grow rows
 VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|embed_in|embed_out)\.weight$")
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from compress.errors import CompressError
-from compress.transfer.checkpoint import FLOAT_DTYPES, Checkpoint
-from compress.transfer.vocab import VocabRows, is_vocab_tensor, resolve_rows
+from compress.methods.transfer.checkpoint import FLOAT_DTYPES, Checkpoint
+from compress.methods.transfer.vocab import VOCAB_DEFAULT_CHECKPOINT, VocabRows, is_vocab_tensor, resolve_rows
 
 # Config fields that fix the tensor shapes and their meaning; rope settings and the vocabulary size
 # are deliberately absent (a new version may change them: the output keeps the target's).
@@ -98,7 +98,7 @@ def compile_pattern(pattern: str | None, option: str) -> re.Pattern | None:
 
 
 def plan_tensors(source: DiffSource, target: Checkpoint, include: str | None = None, exclude: str | None = None,
-                 vocab: str = "pad") -> list[TensorPlan]:
+                 vocab: str = VOCAB_DEFAULT_CHECKPOINT) -> list[TensorPlan]:
     """The output tensors in the target's order, with every shape and name check done."""
     include_re, exclude_re = compile_pattern(include, "--include"), compile_pattern(exclude, "--exclude")
 

@@ -22,13 +22,15 @@ import torch
 
 from compress.errors import CompressError
 from compress.export import atomic_output, check_output_path, write_record
+from compress.methods.transfer.checkpoint import Checkpoint, ShardedWriter
+from compress.methods.transfer.lowrank import LowRankDelta, wants_low_rank
+from compress.methods.transfer.options import TransferOptions
+from compress.methods.transfer.plan import ARCH_FIELDS, DiffSource, check_architectures, plan_tensors
+from compress.methods.transfer.report import CompatibilityReport
+from compress.methods.transfer.streaming import (TOKENIZER_FILES, CheckpointDiff, check_not_an_input,
+                                                 copy_support_files, resolve_inputs, row_blocks, stream_transfer)
+from compress.methods.transfer.vocab import VOCAB_DEFAULT_CHECKPOINT
 from compress.progress import bar
-from compress.transfer.checkpoint import Checkpoint, ShardedWriter
-from compress.transfer.lowrank import LowRankDelta, wants_low_rank
-from compress.transfer.plan import ARCH_FIELDS, DiffSource, check_architectures, plan_tensors
-from compress.transfer.report import CompatibilityReport
-from compress.transfer.streaming import (TOKENIZER_FILES, CheckpointDiff, TransferOptions, check_not_an_input,
-                                         copy_support_files, resolve_inputs, row_blocks, stream_transfer)
 
 DIFF_FORMAT = "compress-diff"
 DIFF_VERSION = 1
@@ -54,13 +56,18 @@ def _artifact_entries(source: CheckpointDiff, names: list[str], rank: int | None
     return entries, meta
 
 
-def extract(source_base: str, source_ft: str, out: str | os.PathLike, rank: int | None = None,
-            include: str | None = None, exclude: str | None = None, dtype: str = "float32",
-            force: bool = False, block_bytes: int = 32 * 2**20) -> dict:
-    """Write the diff source_ft − source_base (optionally as rank-``rank`` factors) to ``out``."""
+def extract(source_base: str, source_ft: str, out: str | os.PathLike, options: TransferOptions | None = None,
+            dtype: str = "float32", force: bool = False, **changes) -> dict:
+    """Write the diff source_ft − source_base (as rank-``rank`` factors with ``rank``) to ``out``.
+
+    ``options`` (or TransferOptions' defaults) with ``changes`` (``rank=64``, ``include=...``) applied;
+    extract reads ``rank``, ``include``, ``exclude`` and ``block_bytes``.
+    """
+    options = (options or TransferOptions()).replace(**changes)
+    options.check()
+    rank, include, exclude, block_bytes = options.rank, options.include, options.exclude, options.block_bytes
     if dtype not in ARTIFACT_DTYPES:
         raise CompressError(f"--dtype must be one of {', '.join(ARTIFACT_DTYPES)}, got {dtype!r}")
-    TransferOptions(rank=rank).check()
     specs = {"source base": source_base, "source fine-tuned model": source_ft}
     check_not_an_input(out, specs)
     folders = resolve_inputs(specs)
@@ -69,7 +76,7 @@ def extract(source_base: str, source_ft: str, out: str | os.PathLike, rank: int 
     check_architectures({"source base": base.config(), "source fine-tuned model": ft.config()})
     source = CheckpointDiff(base, ft, rank)
     # The source base stands in for the target: this checks names and shapes with the same rules.
-    plans = plan_tensors(source, base, include, exclude, vocab="pad")
+    plans = plan_tensors(source, base, include, exclude, vocab=VOCAB_DEFAULT_CHECKPOINT)
     names = [p.name for p in plans if p.transfer]
     store = ARTIFACT_DTYPES[dtype]
     entries, meta = _artifact_entries(source, names, rank, store)
@@ -160,12 +167,18 @@ class ArtifactDiff(DiffSource):
         return self.meta[name].get("kept_energy")
 
 
-def apply(diff: str | os.PathLike, target_base: str, out: str | os.PathLike, scale: float = 1.0,
-          include: str | None = None, exclude: str | None = None, vocab: str = "pad", force: bool = False,
-          on_report: Callable[[CompatibilityReport], None] | None = None) -> CompatibilityReport:
-    """Add λ·Δ from an artifact to ``target_base`` and write the result to ``out``."""
-    options = TransferOptions(scale=scale, include=include, exclude=exclude, vocab=vocab)
+def apply(diff: str | os.PathLike, target_base: str, out: str | os.PathLike, options: TransferOptions | None = None,
+          force: bool = False, on_report: Callable[[CompatibilityReport], None] | None = None,
+          **changes) -> CompatibilityReport:
+    """Add λ·Δ from an artifact to ``target_base`` and write the result to ``out``.
+
+    ``options`` (or TransferOptions' defaults) with ``changes`` (``scale=0.5``, ``vocab="truncate"``)
+    applied; the artifact's rank is the one it was extracted with.
+    """
+    options = (options or TransferOptions()).replace(**changes)
     options.check()
+    scale, include, exclude = options.scale, options.include, options.exclude
+    vocab = options.resolved_vocab(in_memory=False)
     specs = {"diff artifact": str(diff), "target base": target_base}
     check_not_an_input(out, specs)
     source = ArtifactDiff(Path(diff).expanduser())

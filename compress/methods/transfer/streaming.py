@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,37 +23,18 @@ import torch
 
 from compress.errors import CompressError
 from compress.export import atomic_output, check_output_path, write_record
+from compress.methods.transfer.checkpoint import Checkpoint, ShardedWriter
+from compress.methods.transfer.lowrank import LowRankDelta, truncated_svd, wants_low_rank
+from compress.methods.transfer.options import TransferOptions
+from compress.methods.transfer.plan import DiffSource, TensorPlan, check_architectures, output_vocab_size, plan_tensors
+from compress.methods.transfer.report import CompatibilityReport, TensorStats
+from compress.methods.transfer.vocab import segments
 from compress.progress import bar
-from compress.transfer.checkpoint import Checkpoint, ShardedWriter
-from compress.transfer.lowrank import LowRankDelta, truncated_svd, wants_low_rank
-from compress.transfer.plan import DiffSource, TensorPlan, check_architectures, output_vocab_size, plan_tensors
-from compress.transfer.report import WARN_COSINE, WARN_DRIFT, CompatibilityReport, TensorStats
-from compress.transfer.vocab import segments
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
-
-
-@dataclass
-class TransferOptions:
-    scale: float = 1.0  # λ
-    include: str | None = None  # regex: only matching tensors get the diff
-    exclude: str | None = None  # regex: matching tensors are copied from the target unchanged
-    vocab: str = "pad"  # pad | truncate | error
-    rank: int | None = None  # keep a truncated SVD of each matrix's Δ
-    block_bytes: int = 32 * 2**20  # float64 bytes per operand block
-    max_shard_bytes: int = 5 * 10**9
-    warn_drift: float = WARN_DRIFT
-    warn_cosine: float = WARN_COSINE
-    extra_record: dict = field(default_factory=dict)
-
-    def check(self) -> None:
-        if self.rank is not None and self.rank <= 0:
-            raise CompressError(f"--rank must be a positive integer, got {self.rank}")
-        if not torch.isfinite(torch.tensor(self.scale)):
-            raise CompressError(f"--scale must be a finite number, got {self.scale}")
 
 
 class CheckpointDiff(DiffSource):
@@ -215,8 +195,9 @@ def transfer(source_base: str, source_ft: str, target_base: str, out: str | os.P
              on_report: Callable[[CompatibilityReport], None] | None = None) -> CompatibilityReport:
     """Add the diff (source_ft − source_base) to target_base and write the result to ``out``.
 
-    ``out=None`` computes the compatibility report only and writes nothing. ``on_report`` is called
-    with the report before the output is moved into place.
+    The three models are the arguments (``options.source_base``/``source_ft`` are not read: they are
+    the recipe method's inputs). ``out=None`` computes the compatibility report only and writes
+    nothing. ``on_report`` is called with the report before the output is moved into place.
     """
     options = options or TransferOptions()
     options.check()
@@ -230,7 +211,8 @@ def transfer(source_base: str, source_ft: str, target_base: str, out: str | os.P
     check_architectures({label: ckpt.config() for label, ckpt in ckpts.items()})
     source = CheckpointDiff(ckpts["source base"], ckpts["source fine-tuned model"], options.rank)
     target = ckpts["target base"]
-    plans = plan_tensors(source, target, options.include, options.exclude, options.vocab)
+    vocab = options.resolved_vocab(in_memory=False)
+    plans = plan_tensors(source, target, options.include, options.exclude, vocab)
     if out is None:
         report = stream_transfer(source, target, plans, options, None)
         if on_report is not None:
@@ -247,7 +229,7 @@ def transfer(source_base: str, source_ft: str, target_base: str, out: str | os.P
             "method": "transfer",
             "source_model": {label: str(spec) for label, spec in specs.items()},
             "config": {"scale": options.scale, "include": options.include, "exclude": options.exclude,
-                       "vocab": options.vocab, "rank": options.rank},
+                       "vocab": vocab, "rank": options.rank},
             "files": {"config": "target base", "tokenizer": "source fine-tuned model"},
             "vocab": {p.name: vars(p.rows) for p in plans if p.transfer and p.rows.out != p.rows.source},
             "report": report.as_dict(),
