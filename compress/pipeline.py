@@ -2,7 +2,9 @@
 
     preflight ──► load ──► prepare (plans, export checks, eval data) ──► stages ──► export ──► evaluate
 
-* **preflight** (no loading): the model resolves, ``out`` is free and is not any input.
+* **preflight** (no loading): the model resolves, ``out`` is free and is not, does not hold and does
+  not lie inside any input (the model in all its forms and what each method declares it reads,
+  ``Method.input_paths``); the output's lock is taken, so a second run to the same ``out`` fails here.
 * **prepare**: each layer method plans on the loaded model (``prepare``), the exporter checks what it
   will have to hold (``check_plan``), the evaluation texts and windows are checked — all before any
   calibration, so bad settings fail in seconds.
@@ -70,17 +72,35 @@ def unique_parameters(model: torch.nn.Module) -> int:
     return total
 
 
+def job_inputs(job: Job) -> list:
+    """Every input the job reads: the model and the paths its methods declare (``Method.input_paths``)."""
+    inputs: list = [job.model]
+    for stage in job.stages:
+        declared = getattr(stage.method, "input_paths", None)
+        inputs.extend(p for p in ((declared() if declared else None) or []) if p)
+    return inputs
+
+
 def preflight(job: Job, out: str | None, force: bool) -> Path:
-    """The checks that need the machine but no loading: the model resolves, the output is free."""
-    from compress.export import check_output_path
+    """The checks that need the machine but no loading: the model resolves, the output is free and is
+    none of the inputs (in any of their forms: :func:`compress.export.input_paths`). The output's lock
+    is taken for this thread (released by :func:`run_job`, or when the CLI command ends): a second run
+    to the same ``out`` fails here without ``force`` (with it, it waits at the write)."""
+    from compress.export import OutputBusy, check_output_path
     from compress.models import resolve_model_path
 
     if not out:
         raise CompressError("no output folder: pass --out (or 'out:' in a recipe)")
-    source = resolve_model_path(job.model)
-    check_output_path(out, [source, job.model], force)
+    inputs = job_inputs(job)
+    check_output_path(out, inputs, force)  # before any input is resolved (a GGUF is converted then)
     for stage in job.stages:
         _check_requires(stage)
+    source = resolve_model_path(job.model)
+    try:
+        check_output_path(out, [source, *inputs], force, claim=True, wait=False)
+    except OutputBusy:
+        if not force:
+            raise
     return source
 
 
@@ -94,6 +114,13 @@ def _check_requires(stage: Stage, extras: dict | None = None) -> None:
 def prepare(job: Job, model: torch.nn.Module, tokenizer) -> tuple[str, dict]:
     """Plan every layer method, choose and check the export format, read and check the eval texts.
     Returns (format, eval streams)."""
+    return plan(job, model), eval_streams(job, tokenizer)
+
+
+def plan(job: Job, model: torch.nn.Module) -> str:
+    """The checks on the model that need neither data nor weights (shapes only: ``model`` may be a
+    skeleton on the meta device, as for ``compress run --dry-run``): the layout, every layer method's
+    ``prepare``, the export format and the exporter's ``check_plan``. Returns the format."""
     from compress.exporters import choose_format, get_exporter
     from compress.models import check_llama_like
 
@@ -105,7 +132,7 @@ def prepare(job: Job, model: torch.nn.Module, tokenizer) -> tuple[str, dict]:
     fmt = choose_format(job.export.format, model, job.methods)
     exporter = get_exporter(fmt)
     exporter.check_plan(model, job.methods, exporter.options(job.methods))
-    return fmt, eval_streams(job, tokenizer)
+    return fmt
 
 
 def calibration(job: Job, model, tokenizer) -> torch.Tensor:
@@ -168,11 +195,22 @@ def run_stages(job: Job, model: torch.nn.Module, tokenizer, device: torch.device
 def run_job(job: Job, out: str, *, force: bool = False, device: str | None = None, source: Path | None = None,
             record_hook=None) -> RunResult:
     """Do the whole job. ``record_hook(record, stages_result, model)`` may add a verb's own keys to
-    compress.json before it is written."""
+    compress.json before it is written. The output's lock (taken by :func:`preflight`) is released at
+    the end, whatever happens."""
+    from compress.export import release_output
+
+    try:
+        return _run_job(job, out, force=force, device=device, source=source or preflight(job, out, force),
+                        record_hook=record_hook)
+    finally:
+        if out:
+            release_output(out)
+
+
+def _run_job(job: Job, out: str, *, force: bool, device: str | None, source: Path, record_hook) -> RunResult:
     from compress.models import decoder_layers, load_model
     from compress.walk import resolve_device
 
-    source = source or preflight(job, out, force)
     dev = resolve_device(device or job.device)
     loaded = load_model(source, dtype=DTYPES[job.dtype])
     model = loaded.model
@@ -192,7 +230,7 @@ def run_job(job: Job, out: str, *, force: bool = False, device: str | None = Non
         record["recipe"] = job.recipe
     if record_hook is not None:
         record_hook(record, done, model)
-    folder = export(model, loaded.tokenizer, out, record, fmt, job, [source, job.model], force)
+    folder = export(model, loaded.tokenizer, out, record, fmt, job, [source, *job_inputs(job)], force)
     metrics = evaluate(job, model, streams, dev)
     if before_metrics:
         metrics["before"] = before_metrics

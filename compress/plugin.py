@@ -18,13 +18,14 @@ What a layer method may ask of the walk (class attributes):
 ``apply`` may change weights in place, drop units, or return an :class:`Applied` whose ``replace``
 maps module names inside the layer (``""`` for the whole layer) to new modules, which the walk
 installs before it propagates. On resume the walk asks the method to ``rebuild`` each replaced
-module from its record, then loads the saved tensors into it.
+module from its record, then loads the saved tensors into it; a method that keeps more on modules
+than parameters and buffers (a quantization grid, an attribute derived from shapes) returns those
+tensors from ``layer_state`` (saved with the layer) and puts everything back in ``restore``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -34,8 +35,7 @@ import torch
 
 from compress.config import config_field, make_config  # noqa: F401  (part of the plugin API)
 from compress.errors import ConfigError
-
-log = logging.getLogger(__name__)
+from compress.registry import load_plugins
 
 ENTRY_POINT_GROUP = "compress.methods"
 # built-in method modules, each registers itself on import
@@ -123,6 +123,12 @@ class Method:
         (e.g. a pruning method's ratio and widths); None when the method has nothing per layer."""
         return None
 
+    def input_paths(self) -> list[str]:
+        """Models or files this method reads besides the job's model (from its config: e.g. the source
+        checkpoints of a transfer), as given (folders, GGUF files, aliases). The pipeline refuses an
+        output that would overwrite or sit inside any of them, before any work. Default: none."""
+        return []
+
 
 class LayerMethod(Method):
     """A method applied layer by layer inside the walk."""
@@ -159,9 +165,19 @@ class LayerMethod(Method):
         layer ``index``, whose record is given); the walk then loads the saved tensors into it."""
         raise NotImplementedError(f"{type(self).__name__} replaced module '{name}' but cannot rebuild it")
 
-    def restore(self, layer: torch.nn.Module, index: int, record: dict) -> None:
-        """On resume, after a finished layer's tensors are loaded: restore what the method keeps on
-        modules besides tensors (e.g. attributes derived from shapes). Default: nothing."""
+    def layer_state(self, layer: torch.nn.Module, index: int) -> dict[str, torch.Tensor]:
+        """After decoder layer ``index`` is finished (every method applied, outputs propagated): the
+        tensors the method keeps on the layer's modules outside their parameters and buffers (e.g. a
+        quantization grid), by names of the method's choosing. A resumable walk saves them with the
+        layer (safetensors) and hands them back to :meth:`restore`. Default: none."""
+        return {}
+
+    def restore(self, layer: torch.nn.Module, index: int, record: dict, state: dict[str, torch.Tensor]) -> None:
+        """On resume, after finished layer ``index``'s parameters and buffers are loaded: put back what
+        the method keeps on its modules besides them: attributes derived from shapes (recomputed from
+        the loaded modules) and the tensors :meth:`layer_state` gave for this layer (``state``; empty
+        when it gave none). ``record`` is the layer's record. Raise CompressError when ``state`` lacks
+        what the method needs. Default: nothing."""
 
     def finish(self, model: torch.nn.Module) -> None:
         """Called once after the last layer (e.g. to update the config after pruning)."""
@@ -195,18 +211,8 @@ def _load_plugins() -> None:
     if _loaded:
         return
     _loaded = True
-    import importlib
-
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-        except Exception as exc:  # a broken third-party plugin must not break the others
-            log.warning("method plugin %s could not be loaded: %s", ep.name, exc)
-            continue
-        if isinstance(obj, type) and issubclass(obj, Method) and obj.name not in _REGISTRY:
-            register(obj)
+    load_plugins("method", BUILTIN_MODULES, entry_points(group=ENTRY_POINT_GROUP),
+                 lambda obj: isinstance(obj, type) and issubclass(obj, Method) and obj.name not in _REGISTRY, register)
 
 
 def available_methods(verb: str | None = None) -> dict[str, type[Method]]:

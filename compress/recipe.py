@@ -31,7 +31,7 @@ from compress.config import make_config
 from compress.errors import CompressError
 from compress.job import (DTYPES, DataSection, ExportSection, FidelitySection, Job, PerplexitySection,  # noqa: F401
                           Stage)
-from compress.pipeline import RECIPE_FILE, _check_requires  # noqa: F401
+from compress.pipeline import _check_requires
 from compress.plugin import LayerMethod, ModelMethod, get_method
 
 TOP_LEVEL_KEYS = ("model", "out", "dtype", "device", "batch_size", "data", "stages", "export", "eval")
@@ -145,8 +145,19 @@ def output_folder(recipe: Job, out: str | None) -> str:
     return chosen
 
 
-def describe(recipe: Job, out: str, device: str) -> list[str]:
-    """The validated plan, one line per step."""
+def check_without_data(recipe: Job, source: str | os.PathLike | None = None) -> str:
+    """Every check of a real run that needs no data, on the model's skeleton (its modules and shapes,
+    no weights loaded: :func:`compress.models.load_skeleton`): each layer method's ``prepare`` and the
+    export format's ``check_plan``, as :func:`compress.pipeline.prepare` runs them. Returns the format."""
+    from compress.models import load_skeleton
+    from compress.pipeline import plan
+
+    skeleton = load_skeleton(source if source is not None else recipe.model, DTYPES[recipe.dtype])
+    return plan(recipe, skeleton.model)
+
+
+def describe(recipe: Job, out: str, device: str, fmt: str | None = None) -> list[str]:
+    """The validated plan, one line per step (``fmt``: the export format when it is known)."""
     lines = [f"recipe   {recipe.path}", f"model    {recipe.model} ({recipe.dtype})", f"device   {device}"]
     if recipe.needs_calibration:
         d = recipe.data
@@ -158,7 +169,11 @@ def describe(recipe: Job, out: str, device: str) -> list[str]:
         for stage in step:
             cfg = dataclasses.asdict(stage.method.config)
             lines.append(f"  {stage.name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
-    lines.append(f"export   {_planned_format(recipe)}")
+    if fmt is None:
+        fmt = _planned_format(recipe)
+    elif recipe.export.format == "auto":
+        fmt = f"auto ({fmt})"
+    lines.append(f"export   {fmt}")
     for p in recipe.perplexity:
         lines.append(f"eval     perplexity {p.data} @ {p.seqlen}" + (f", {p.windows} windows" if p.windows else ""))
     if recipe.fidelity:

@@ -31,7 +31,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -43,7 +42,7 @@ from compress.plugin import Applied, Group, LayerContext, LayerMethod
 from compress.progress import bar
 from compress.staged import StagedForward, check_layer, group_point
 from compress.stats import HessianAccumulator
-from compress.walk_state import REPLACED, WalkState, assign_layer_state, fingerprint, install  # noqa: F401
+from compress.walk_state import REPLACED, WalkState, fingerprint, install
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +282,7 @@ def walk(model: torch.nn.Module, tokens: torch.Tensor, methods: Sequence[LayerMe
             record = step.run(layers, index, inputs)
             result.records.append(record)
             if state:
-                state.save(index + 1, layers[index], inputs.hidden, result.records)
+                state.save(index + 1, layers[index], inputs.hidden, result.records, methods)
             if on_layer_done:
                 on_layer_done(index, layers[index])
             progress.update(1)

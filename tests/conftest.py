@@ -2,36 +2,10 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
-os.environ.setdefault("COMPRESS_PROGRESS", "0")
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-WIKI_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
-WIKI_TRAIN = SHARED_DATA / "wikitext-2-raw" / "wiki.train.first1MB-noblank.txt"
-
-
-def tiny_llama_config(**overrides):
-    from transformers import LlamaConfig
-
-    values = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=False)
-    values.update(overrides)
-    return LlamaConfig(**values)
-
-
-def make_tiny_llama(seed: int = 0, **overrides):
-    """A tiny random Llama with grouped-query attention (4 query heads, 2 KV heads), float32, eval mode."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
-    return model
+from tests.helpers import make_tiny_llama
 
 
 @pytest.fixture
@@ -73,3 +47,12 @@ def tiny_model_folder(tmp_path, smollm2_tokenizer):
     model.save_pretrained(folder)
     smollm2_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared CPU run ~10x faster on one thread than fighting for two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

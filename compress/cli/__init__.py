@@ -37,6 +37,15 @@ class CompressGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        finally:
+            _release_outputs()
+
+
+def _release_outputs() -> None:
+    """Let go of the output locks the command took (compress.export), whatever happened."""
+    export = sys.modules.get("compress.export")
+    if export is not None:
+        export.release_all()
 
 
 @click.group(cls=CompressGroup, context_settings={"help_option_names": ["-h", "--help"]})

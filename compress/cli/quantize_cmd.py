@@ -14,8 +14,9 @@ from compress.cli.options import MethodCommand, method_options
               help="gptq (Hessian error feedback, needs calibration data), rtn (round-to-nearest, data-free) "
                    "or another registered quantization method.")
 @click.option("--bits", type=int, default=4, show_default=True, help="Weight bit width: 2, 3, 4 or 8.")
-@click.option("--group-size", type=int, default=128, show_default=True,
-              help="Input columns per scale/zero; -1 = per output channel. Must divide every input width.")
+@click.option("--group-size", type=int, default=None,
+              help="Input columns per scale/zero; -1 = per output channel. Must divide every input width. "
+                   "[default: auto: 128 where it divides every width, else 64 or 32 (64 on smollm2-135m)]")
 @click.option("--sym/--asym", default=True, show_default=True,
               help="Symmetric grid (pack-quantized) or asymmetric min/max grid (naive-quantized in compressed-tensors).")
 @click.option("--act-order", is_flag=True,
@@ -68,7 +69,7 @@ def quantize_command(model, method, bits, group_size, sym, act_order, fmt, out, 
     source = preflight(job, out, force)
     check_not_quantized(source)
     result = run_job(job, out, force=force, source=source, record_hook=_quantize_record(quant, model, job))
-    _closing_table(result)
+    _closing_table(result, quant)
 
 
 def _quantize_record(quant, model_spec, job):
@@ -83,7 +84,7 @@ def _quantize_record(quant, model_spec, job):
     return hook
 
 
-def _closing_table(result):
+def _closing_table(result, quant):
     from compress.metrics.cost import bytes_on_disk
 
     record = result.record
@@ -98,7 +99,8 @@ def _closing_table(result):
     print_table(rows, ("layer", "modules", f"mean {key}", f"max {key}", "seconds"))
     before, after = bytes_on_disk(result.source), bytes_on_disk(result.folder)
     click.echo("")
-    print_table([("size on disk before (MB)", before / 1e6), ("size on disk after (MB)", after / 1e6),
+    group = getattr(quant, "group_size_note", None) or record["config"].group_size
+    print_table([("group size", group), ("size on disk before (MB)", before / 1e6), ("size on disk after (MB)", after / 1e6),
                  ("ratio", after / max(before, 1)), ("walk seconds", record["seconds"]),
                  ("saved to", str(result.folder))], ("summary", "value"))
 

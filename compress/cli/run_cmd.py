@@ -13,26 +13,31 @@ from compress.cli.common import print_table
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
               help="auto (CUDA when present, else CPU), cpu or cuda (overrides the recipe's 'device').")
-@click.option("--dry-run", is_flag=True, help="Validate the recipe, print the plan and stop.")
+@click.option("--dry-run", is_flag=True, help="Run every check that needs no data (on the model's shapes, its "
+              "weights not loaded), print the plan and stop.")
 def run_command(recipe, out, force, device, dry_run):
     """Run RECIPE: load the model, run its stages (consecutive layer-wise stages in one layer walk),
     export, evaluate, and write the recipe beside the output as recipe.yaml.
 
     Everything is validated before any work; a bad recipe is one line on stderr and exit code 2.
     """
-    from compress.export import check_output_path
     from compress.pipeline import preflight, run_job
-    from compress.recipe import describe, load_recipe, output_folder
+    from compress.recipe import check_without_data, describe, load_recipe, output_folder
 
     parsed = load_recipe(recipe)
     folder = output_folder(parsed, out)
     dev = device or parsed.device
-    if dry_run:
-        check_output_path(folder, [parsed.model], force)  # the model itself is resolved only by a real run
-        for line in describe(parsed, folder, dev):
+    source = preflight(parsed, folder, force)
+    if dry_run:  # every check of a real run that needs no data, on the model's skeleton; nothing written
+        from compress.export import release_output
+
+        try:
+            fmt = check_without_data(parsed, source)
+        finally:
+            release_output(folder)
+        for line in describe(parsed, folder, dev, fmt):
             click.echo(line)
         return
-    source = preflight(parsed, folder, force)
     result = run_job(parsed, folder, force=force, device=dev, source=source)
     _closing_table(result, source)
 

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Iterable
 import torch
 
 from compress.errors import CompressError
+from compress.registry import load_plugins
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Exporter:
         options = self.check_options(options)
         self.check_model(model)
         sources = list(source) if isinstance(source, (list, tuple)) else [source]
-        with atomic_output(out, sources, force) as tmp:
+        with atomic_output(out, sources, force, need=self.output_bytes(model, options)) as tmp:
             self.write(model, tokenizer, tmp, options, record)
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text)
@@ -102,6 +103,13 @@ class Exporter:
         final = Path(out).expanduser().resolve()
         log.info("saved %s (%s)", final, self.name)
         return final
+
+    def output_bytes(self, model: torch.nn.Module, options: dict) -> int:
+        """About how many bytes :meth:`write` puts on disk, checked against the free space before
+        writing. Default: the model's tensor bytes."""
+        from compress.export import tensor_bytes
+
+        return tensor_bytes(model)
 
     def write(self, model: torch.nn.Module, tokenizer, folder: Path, options: dict, record: dict) -> None:
         """Write the model's files into ``folder`` (a fresh temporary folder)."""
@@ -144,18 +152,9 @@ def _load_plugins() -> None:
     if _loaded:
         return
     _loaded = True
-    import importlib
-
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-        except Exception as exc:  # a broken third-party plugin must not break the others
-            log.warning("exporter plugin %s could not be loaded: %s", ep.name, exc)
-            continue
-        if isinstance(obj, type) and issubclass(obj, Exporter) and obj.name and obj.name not in _REGISTRY:
-            register_exporter(obj)
+    load_plugins("exporter", BUILTIN_MODULES, entry_points(group=ENTRY_POINT_GROUP),
+                 lambda obj: isinstance(obj, type) and issubclass(obj, Exporter) and bool(obj.name)
+                 and obj.name not in _REGISTRY, register_exporter)
 
 
 def exporter_names() -> list[str]:

@@ -37,6 +37,13 @@ class PeftExporter(Exporter):
         return super().save(model, tokenizer, out, record, source=source, force=force, extra_files=extra_files,
                             options=options)
 
+    def output_bytes(self, model, options: dict) -> int:
+        """The adapter's tensors (the trainable ones); with ``merge`` the merged model's too."""
+        from compress.export import tensor_bytes
+
+        adapter = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        return adapter + (tensor_bytes(model) if options.get("merge") else 0)
+
     def write(self, model, tokenizer, folder: Path, options: dict, record: dict) -> None:
         if options["base"] is not None:
             for config in model.peft_config.values():

@@ -67,6 +67,17 @@ class QuantizedExporter(Exporter):
                     out = out if name in arch.WRITES_HIDDEN else None
                 check_shape(arch.module_name(index, name), out, width, bits, group_size, self.name)
 
+    def output_bytes(self, model, options: dict) -> int:
+        """The float tensors, with each quantized Linear's weight at its bit width (plus its scales)."""
+        from compress.export import tensor_bytes
+        from compress.methods.quantize.export import quantized_linears
+
+        total = tensor_bytes(model)
+        for linear, params in quantized_linears(model).values():
+            weight = linear.weight
+            total -= weight.numel() * weight.element_size() - weight.numel() * params.bits // 8
+        return max(total, 0)
+
     def check_model(self, model) -> None:
         from compress.methods.quantize.export import check_exportable, quantized_linears, single_grid
 

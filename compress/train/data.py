@@ -39,14 +39,25 @@ class Example:
 def read_records(path: Path) -> list[dict]:
     """Parse a JSONL file into records, checking every line; errors name the line number."""
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise CompressError(f"cannot read data file {path}: {exc.strerror}") from None
+    with handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise CompressError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                    f"{exc.start + 1}); is it a binary file?") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise CompressError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise CompressError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
             records.append(_check_record(record, path, number))
     return records
 

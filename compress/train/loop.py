@@ -6,8 +6,10 @@ distributed code of its own. float32 on CPU, bf16 autocast on GPU.
 Determinism (a killed run resumes to the same final weights): the data order is a function of the
 optimizer step alone (each epoch a permutation seeded by ``seed + epoch``; optimizer step ``s`` takes
 the global positions ``[s*G, (s+1)*G)`` with ``G = batch_size * grad_accum * processes``), and the
-torch RNG is reseeded from ``(seed, step, rank)`` at every step, so nothing but the model, optimizer,
-scheduler and the step counter needs restoring; those go through ``accelerator.save_state``.
+torch RNG is reseeded from ``(seed, step, rank)`` at every step, so nothing but the trainable
+parameters, the optimizer, the scheduler and the step counter needs restoring.
+
+Checkpoints (``step-NNNNNN/``) hold no pickle: safetensors and JSON only (:mod:`compress.train.checkpoint`).
 
 The loss is a parameter (:mod:`compress.train.losses`; default next-token cross-entropy, also
 distillation to a teacher's logits or hidden states). The loss of a step is its mean over the whole
@@ -21,20 +23,19 @@ from __future__ import annotations
 import logging
 import math
 import resource
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from compress.errors import CompressError
+from compress.train.checkpoint import CHECKPOINT_PREFIX, latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: F401
 from compress.train.data import Example, collate
 from compress.train.losses import CrossEntropyLoss, TrainLoss, example_label_count, token_loss_sum  # noqa: F401
 
 log = logging.getLogger(__name__)
-CHECKPOINT_PREFIX = "step-"
 
 
 @dataclass
@@ -78,6 +79,10 @@ class TrainState:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
+        names = {f.name for f in fields(self)}
+        if not isinstance(state, dict) or set(state) != names:
+            raise ValueError(f"train state keys {sorted(state) if isinstance(state, dict) else state!r}, "
+                             f"expected {sorted(names)}")
         for key, value in state.items():
             setattr(self, key, value)
 
@@ -136,13 +141,6 @@ def evaluate_loss(model, examples: list[Example], batch_size: int, pad_id: int, 
     return float(total[0] / total[1])
 
 
-def latest_checkpoint(folder: Path | None) -> Path | None:
-    if folder is None or not folder.is_dir():
-        return None
-    found = sorted(p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / "DONE").exists())
-    return found[-1] if found else None
-
-
 def _counter(loss) -> Callable[[Example], int]:
     """Positions ``loss`` scores in one example (a loss without ``example_count`` counts labelled positions)."""
     return getattr(loss, "example_count", example_label_count)
@@ -184,14 +182,13 @@ def train(model, train_examples: list[Example], eval_examples: list[Example], co
         optimizer, lambda s: min(1.0, (s + 1) / config.warmup_steps) if config.warmup_steps else 1.0)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
 
     if resume:
         found = latest_checkpoint(checkpoint_dir)
         if found is None:
             log.warning("--resume: no checkpoint in %s, starting from step 0", checkpoint_dir)
         else:
-            accelerator.load_state(str(found))
+            load_checkpoint(found, accelerator.unwrap_model(model), optimizer, scheduler, state)
             log.info("resumed from %s (step %d)", found, state.step)
 
     micro, accum = config.batch_size, config.grad_accum
@@ -247,7 +244,8 @@ def train(model, train_examples: list[Example], eval_examples: list[Example], co
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{state.tokens / max(state.seconds, 1e-9):.0f}")
         if checkpoint_dir is not None and config.save_every and state.step % config.save_every == 0:
-            save_checkpoint(accelerator, checkpoint_dir, state.step, config.keep_checkpoints)
+            save_checkpoint(accelerator, checkpoint_dir, state.step, config.keep_checkpoints,
+                            (model, optimizer, scheduler, state))
         if on_step is not None:
             on_step(state.step, state)
     if progress is not None:
@@ -261,17 +259,3 @@ def train(model, train_examples: list[Example], eval_examples: list[Example], co
         final_eval_loss=state.eval_losses[-1][1] if state.eval_losses else None,
         seconds_per_step=state.seconds / steps_timed, tokens_per_second=state.tokens / max(state.seconds, 1e-9),
         peak_memory_bytes=_peak_memory(accelerator.device), processes=world)
-
-
-def save_checkpoint(accelerator, folder: Path, step: int, keep: int) -> Path:
-    """accelerator.save_state into ``folder/step-NNNNNN``; a DONE marker makes it count as complete."""
-    target = folder / f"{CHECKPOINT_PREFIX}{step:06d}"
-    accelerator.save_state(str(target))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (target / "DONE").write_text(str(step))
-        old = sorted(p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p != target)
-        for stale in old[:max(len(old) - (keep - 1), 0)]:
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return target

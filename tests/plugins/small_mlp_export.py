@@ -4,7 +4,6 @@ rebuilds the module classes, so ``compress.load(folder)`` reloads the model thro
 
 import json
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from compress.exporters import Exporter

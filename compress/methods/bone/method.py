@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from compress.errors import ConfigError
-from compress.methods.base import ModelMethod, RunContext, config_field, register
+from compress.plugin import ModelMethod, RunContext, config_field, register
 from compress.methods.bone.adapter import ALL_PROJECTIONS, attach_adapter, trainable_parameters
 
 

@@ -20,7 +20,9 @@ class QuantizeConfig:
     """Weight-only integer quantization of the decoder layers' Linear modules."""
 
     bits: int = config_field(4, "weight bit width: 2, 3, 4 or 8")
-    group_size: int = config_field(128, "input columns sharing one scale/zero; -1 = one per output channel")
+    group_size: int | None = config_field(None, "input columns sharing one scale/zero; -1 = one per output "
+                                                "channel; unset (auto): 128 where it divides every quantized "
+                                                "input width, else the largest of 64 and 32 that does, else -1")
     sym: bool = config_field(True, "symmetric grid (zero point fixed at the middle) instead of min/max")
     ignore: list[str] = config_field(["lm_head"], "module name patterns (fnmatch, or 're:REGEX') left in float")
     clip_search: bool = config_field(True, "search a shrink of each group's range that minimizes the "
@@ -32,7 +34,7 @@ class QuantizeConfig:
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"field 'bits' must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}")
-        if self.group_size == 0 or self.group_size < -1:
+        if self.group_size is not None and (self.group_size == 0 or self.group_size < -1):
             raise ConfigError(f"field 'group_size' must be {SUPPORTED_GROUP_SIZES}, got {self.group_size}")
         if self.clip_grid < 1:
             raise ConfigError(f"field 'clip_grid' must be at least 1, got {self.clip_grid}")

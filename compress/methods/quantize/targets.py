@@ -71,3 +71,24 @@ def check_quantizable(model: torch.nn.Module, patterns: list[str]) -> None:
     check_ignore_patterns(model, patterns)
     if not any(layer_targets(layer, i, patterns) for i, layer in enumerate(decoder_layers(model))):
         raise CompressError("the ignore patterns leave no Linear module to quantize")
+
+
+AUTO_GROUP_SIZES = (128, 64, 32)
+
+
+def resolve_group_size(model: torch.nn.Module, config) -> str | None:
+    """Set an unset (auto) ``config.group_size`` for ``model``: the first of 128, 64, 32 that divides
+    every quantized input width (smollm2-135m's 576: 64), else -1 (per channel). Returns what was
+    chosen and why, for the closing table, or None when the size was given."""
+    from compress.arch import decoder_layers
+
+    if config.group_size is not None:
+        return None
+    widths = sorted({layer.get_submodule(n).in_features for i, layer in enumerate(decoder_layers(model))
+                     for n in layer_targets(layer, i, config.ignore)})
+    fits = [g for g in AUTO_GROUP_SIZES if all(w % g == 0 for w in widths)]
+    config.group_size = fits[0] if fits else -1
+    skipped = [g for g in AUTO_GROUP_SIZES if g > config.group_size]
+    why = f"{', '.join(map(str, skipped))} do{'es' if len(skipped) == 1 else ''} not divide every input width " \
+          f"({', '.join(map(str, widths))})" if skipped else "divides every input width"
+    return f"{config.group_size} (auto: {why})"

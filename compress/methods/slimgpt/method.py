@@ -24,7 +24,8 @@ from compress.plugin import Group, LayerContext, LayerMethod, register
 from compress.methods.slimgpt.config import SlimGPTConfig
 from compress.methods.slimgpt.obs import dynamic_group_sizes, prune_channels, prune_column_groups
 from compress.methods.slimgpt.plan import LayerPlan, LayerShape, plan_model
-from compress.methods.slimgpt.shrink import head_channels, layer_widths, shrink_attention, shrink_mlp
+from compress.methods.slimgpt.shrink import (head_channels, layer_widths, refresh_attributes,  # noqa: F401
+                                             shrink_attention, shrink_mlp)
 
 log = logging.getLogger(__name__)
 ATTENTION = "self_attn.o_proj"
@@ -78,6 +79,16 @@ class SlimGPT(LayerMethod):
         if plan.channels_removed:
             groups.append(Group([MLP], name="mlp"))
         return groups
+
+    def restore(self, layer, index, record, state):
+        """On resume: the loaded tensors have the pruned widths; the attributes derived from them
+        (``num_key_value_groups``, ``intermediate_size``) are set again from the modules."""
+        dim = self.shapes[index].head_dim if self.shapes else layer.self_attn.head_dim
+        try:
+            refresh_attributes(layer, dim)
+        except ValueError as exc:
+            raise CompressError(f"resume state: layer {index} does not have the widths of a pruned layer ({exc}); "
+                                "remove the folder to start over") from None
 
     @property
     def _dtype(self) -> torch.dtype:

@@ -55,3 +55,15 @@ def shrink_mlp(mlp: nn.Module, down_weight: torch.Tensor, kept: list[int]) -> No
     _set_weight(down, down_weight[:, index], down.bias)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = len(kept)
+
+
+def refresh_attributes(layer: nn.Module, head_dim: int) -> None:
+    """Set the attributes a LlamaDecoderLayer derives from its widths (``num_key_value_groups``, read by
+    every attention back-end, and the MLP's ``intermediate_size``) from its projections as they are now,
+    e.g. after a pruned layer's tensors were loaded into the unpruned modules (a resumed walk)."""
+    widths = layer_widths(layer, head_dim)
+    if widths.kv_heads <= 0 or widths.heads % widths.kv_heads:
+        raise ValueError(f"{widths.heads} query heads cannot share {widths.kv_heads} KV heads evenly")
+    layer.self_attn.num_key_value_groups = widths.heads // widths.kv_heads
+    if hasattr(layer.mlp, "intermediate_size"):
+        layer.mlp.intermediate_size = widths.ffn

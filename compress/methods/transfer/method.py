@@ -66,6 +66,10 @@ class FineTuningTransfer(ModelMethod):
         # the in-memory default of vocab (error), made explicit so the recipe's record shows it
         self.config = self.config.replace(vocab=self.config.resolved_vocab(in_memory=True))
 
+    def input_paths(self) -> list[str]:
+        """The source base and fine-tuned checkpoints the diff is read from."""
+        return [p for p in (self.config.source_base, self.config.source_ft) if p]
+
     @torch.no_grad()
     def run(self, ctx: RunContext) -> dict:
         """Add λ·Δ to ``ctx.model``'s weights in place (on whatever device they are); the record
