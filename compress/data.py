@@ -143,8 +143,8 @@ def generate_tokens(model, tokenizer, samples: int, seqlen: int, seed: int, batc
         cache = None
         step_input = ids
         while ids.shape[1] < seqlen:
-            result = model(input_ids=step_input.to(device), past_key_values=cache, use_cache=True)
-            cache = result.past_key_values
+            result = model(input_ids=step_input.to(device), cache=cache, use_cache=True)
+            cache = result.cache
             logits = result.logits[:, -1].float().cpu() / temperature
             top = torch.topk(logits, top_k, dim=-1)
             probs = torch.softmax(top.values, dim=-1)

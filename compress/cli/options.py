@@ -81,6 +81,9 @@ class MethodCommand(click.Command):
             taken = {p.name for p in self.params} | {n.lstrip("-").replace("-", "_") for n in flags}
             taken |= {n[len("--no-"):].replace("-", "_") for n in flags if n.startswith("--no-")}  # --no-X covers X
             count = len(available_methods(self.verb))
+            for param in self.params:  # --method lists what is registered for this verb
+                if "--method" in getattr(param, "opts", []) and param.help:
+                    param.help = method_choices_help(self.verb, param.help)
             self._generated = set()
             for name, (field, hint, owners) in method_fields(self.verb).items():
                 if name in taken:

@@ -45,8 +45,15 @@ def run_command(recipe, out, force, device, dry_run):
 def _closing_table(result, source) -> None:
     from compress.metrics.cost import bytes_on_disk
 
-    rows = [(i, s["method"], "layer walk %d" % s["walk"] if s["walk"] else "whole model", s["seconds"])
-            for i, s in enumerate(result.steps, 1)]
+    rows, walks = [], {}
+    for i, s in enumerate(result.steps, 1):  # stages that shared one walk: one row, its time once
+        if s["walk"] and s["walk"] in walks:
+            row = rows[walks[s["walk"]]]
+            rows[walks[s["walk"]]] = (f"{row[0]}-{i}", f"{row[1]} → {s['method']}", row[2], row[3])
+            continue
+        if s["walk"]:
+            walks[s["walk"]] = len(rows)
+        rows.append((str(i), s["method"], "layer walk %d" % s["walk"] if s["walk"] else "whole model", s["seconds"]))
     print_table(rows, ("stage", "method", "ran in", "seconds"))
     click.echo("")
     before, after = result.parameters

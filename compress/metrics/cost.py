@@ -11,7 +11,8 @@ import torch
 
 @dataclass
 class CostResult:
-    parameters: int
+    parameters: int  # weights the model represents: a packed quantized Linear counts as its out × in
+    parameter_bytes: int  # bytes of every parameter tensor held (packed codes, scales and zero points)
     bytes_on_disk: int
     kv_cache_bytes_per_token: int
     prefill_tokens_per_s: float
@@ -21,14 +22,34 @@ class CostResult:
         return asdict(self)
 
 
+# the tensors of a compressed-tensors quantized Linear: its weights are ``weight_shape`` many values
+PACKED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
+
+
 def count_parameters(model: torch.nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
+    """Unique weights the model represents (tied embeddings counted once): a quantized Linear loaded
+    in a packed format counts its out × in weights, not its packed words, scales and zero points."""
     seen, total = set(), 0
+    for module in model.modules():
+        shape = getattr(module, "weight_shape", None)
+        if isinstance(shape, torch.Tensor) and hasattr(module, "weight_packed"):
+            total += int(torch.prod(shape.long()))
+            seen.update(id(getattr(module, name)) for name in PACKED if getattr(module, name, None) is not None)
     for p in model.parameters():
-        if p.data_ptr() in seen:
+        if id(p) in seen or p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())
         total += p.numel()
+    return total
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the unique parameter tensors as held (packed codes, scales and zero points included)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
     return total
 
 
@@ -63,10 +84,10 @@ def tokens_per_second(model: torch.nn.Module, prefill_len: int = 512, decode_ste
         out = model(input_ids=ids, use_cache=True)
         _sync(device)
         t1 = time.perf_counter()
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
         for _ in range(decode_steps):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=nxt, cache=cache, use_cache=True)
+            cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
         _sync(device)
         t2 = time.perf_counter()
         best_prefill = max(best_prefill, batch_size * prefill_len / (t1 - t0))
@@ -82,6 +103,7 @@ def _sync(device: torch.device) -> None:
 def measure_cost(model: torch.nn.Module, folder: str | Path | None = None, prefill_len: int = 512,
                  decode_steps: int = 32) -> CostResult:
     prefill, decode = tokens_per_second(model, prefill_len, decode_steps)
-    return CostResult(parameters=count_parameters(model), bytes_on_disk=bytes_on_disk(folder),
+    return CostResult(parameters=count_parameters(model), parameter_bytes=parameter_bytes(model),
+                      bytes_on_disk=bytes_on_disk(folder),
                       kv_cache_bytes_per_token=kv_cache_bytes_per_token(model),
                       prefill_tokens_per_s=prefill, decode_tokens_per_s=decode)

@@ -67,6 +67,8 @@ def test_stacked_recipe_runs_in_one_walk_and_reloads(tiny_model_folder, tmp_path
     assert result.exit_code == 0, (result.output, result.exception)
     assert calls == [["slimgpt", "gptq"]]  # both stages, in order, in ONE walk
     assert "layer walk 1" in result.stdout and "perplexity" in result.stdout and "saved to" in result.stdout
+    shared = [line for line in result.stdout.splitlines() if "layer walk 1" in line]
+    assert len(shared) == 1 and "slimgpt → gptq" in shared[0]  # one walk, one row, its time once
 
     assert (out / "recipe.yaml").read_text() == text  # the exact YAML text beside the output
     record = json.loads((out / "compress.json").read_text())

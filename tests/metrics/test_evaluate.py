@@ -17,7 +17,7 @@ from tests.helpers import REPO, WIKI_TEST, make_tiny_llama
 TIMING_KEYS = {"seconds", "prefill_tokens_per_s", "decode_tokens_per_s"}  # differ from run to run
 PERPLEXITY_KEYS = {"perplexity", "seqlen", "stride", "windows", "tokens", "seconds", "model", "data"}
 FIDELITY_KEYS = {"kl_divergence", "top1_agreement", "positions"}
-COST_KEYS = {"parameters", "bytes_on_disk", "kv_cache_bytes_per_token", "prefill_tokens_per_s", "decode_tokens_per_s"}
+COST_KEYS = {"parameters", "parameter_bytes", "bytes_on_disk", "kv_cache_bytes_per_token", "prefill_tokens_per_s", "decode_tokens_per_s"}
 
 
 def cli_json(*args) -> dict:

@@ -68,3 +68,23 @@ def test_cost_counts():
     per_layer = 4 * 64 * 64 * 0 + 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 96 + 2 * 64
     assert count_parameters(model) == 128 * 64 + 3 * per_layer + 64  # tied lm_head counted once
     assert kv_cache_bytes_per_token(model) == 3 * 2 * 2 * 16 * 4  # layers · (K,V) · kv_heads · head_dim · fp32
+
+
+def test_a_quantized_checkpoint_counts_the_weights_it_represents(tmp_path):
+    """A packed W4 checkpoint (compressed-tensors, reloaded) holds int32 words, scales and shapes: it
+    represents as many weights as the float model, in about a quarter of their bytes."""
+    import compress
+    from compress.metrics.cost import parameter_bytes
+
+    model = make_tiny_llama(hidden_size=64, intermediate_size=128)
+    dense, dense_bytes = count_parameters(model), parameter_bytes(model)
+    compress.quantize(model, method="rtn", bits=4, group_size=32, device="cpu")
+    reloaded = compress.load(compress.save(model, tmp_path / "q")).model
+    assert count_parameters(reloaded) == dense
+    linear = sum(m.weight_shape.prod().item() for m in reloaded.modules() if hasattr(m, "weight_packed"))
+    float_bytes = 4 * (dense - linear)  # embeddings, norms and lm_head stay float32
+    packed = [m for m in reloaded.modules() if hasattr(m, "weight_packed")]
+    # 4-bit codes (half a byte each), one float32 scale per 32 weights (the loaded model's dtype), and
+    # each module's int64 (out, in) shape
+    assert parameter_bytes(reloaded) - float_bytes == linear // 2 + linear // 32 * 4 + 16 * len(packed)
+    assert parameter_bytes(reloaded) < dense_bytes
