@@ -6,28 +6,21 @@ import logging
 
 import torch
 
-from compress.plugin import Group, LayerMethod, register
 from compress.methods.quantize.config import SEQUENTIAL_GROUPS, GPTQConfig
 from compress.methods.quantize.gptq import GPTQ, CholeskyFailed, output_error
 from compress.methods.quantize.grid import rtn_quantize
-from compress.methods.quantize.rtn import grid_state, restore_grids, set_quantized, weight_error
-from compress.methods.quantize.targets import check_group_size, check_quantizable, layer_targets, resolve_group_size
+from compress.methods.quantize.rtn import QuantizeMethod, set_quantized, weight_error
+from compress.methods.quantize.targets import check_group_size, layer_targets
+from compress.plugin import Group, register
 
 log = logging.getLogger(__name__)
 
 
 @register
-class GPTQMethod(LayerMethod):
+class GPTQMethod(QuantizeMethod):
     name = "gptq"
     help = "GPTQ weight quantization (2/3/4/8 bits, groups, sym/asym, act-order) with Hessian error feedback."
     Config = GPTQConfig
-    stageable = True
-    verb = "quantize"
-    output_format = "compressed-tensors"  # quantized weights (gptq writes them too)
-
-    def prepare(self, model):
-        check_quantizable(model, self.config.ignore)
-        self.group_size_note = resolve_group_size(model, self.config)
 
     def groups(self, layer, index):
         order = [n for group in SEQUENTIAL_GROUPS for n in group]
@@ -38,14 +31,6 @@ class GPTQMethod(LayerMethod):
         groups = [[n for n in group if n in names] for group in SEQUENTIAL_GROUPS]
         rest = [n for n in names if n not in order]  # Linear modules outside the LLaMA names
         return [Group(g, name="+".join(g)) for g in groups + [rest] if g]
-
-    def layer_state(self, layer, index):
-        """The grids of the layer's quantized modules, saved with the layer by a resumable walk."""
-        return grid_state(layer, layer_targets(layer, index, self.config.ignore))
-
-    def restore(self, layer, index, record, state):
-        """On resume: the grids of the modules this method quantized in the layer (its record names them)."""
-        restore_grids(layer, index, list(record.get(self.name, {})), state, self.name)
 
     @torch.no_grad()
     def apply(self, ctx):

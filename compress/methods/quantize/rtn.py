@@ -64,13 +64,11 @@ def weight_error(original: torch.Tensor, quantized: torch.Tensor) -> float:
     return ((quantized.double() - original).pow(2).sum() / original.pow(2).sum().clamp_min(1e-30)).item()
 
 
-@register
-class RTN(LayerMethod):
-    name = "rtn"
-    help = "Round-to-nearest integer weight quantization (2/3/4/8 bits, groups, sym/asym)."
-    Config = RTNConfig
+class QuantizeMethod(LayerMethod):
+    """What RTN and GPTQ share: the verb and exporter, the data-free checks and the automatic group size
+    (``prepare``), and the grids kept across a resumed walk (``layer_state`` / ``restore``)."""
+
     stageable = True
-    needs_data = False
     verb = "quantize"
     output_format = "compressed-tensors"  # quantized weights (gptq writes them too)
 
@@ -78,16 +76,26 @@ class RTN(LayerMethod):
         check_quantizable(model, self.config.ignore)
         self.group_size_note = resolve_group_size(model, self.config)
 
+    def layer_state(self, layer, index):
+        """The grids of the layer's quantized modules, saved with the layer by a resumable walk."""
+        return grid_state(layer, layer_targets(layer, index, self.config.ignore))
+
+    def restore(self, layer, index, record, state):
+        """On resume: the grids of the modules this method quantized in the layer (its record names them)."""
+        restore_grids(layer, index, list(record.get(self.name, {})), state, self.name)
+
+
+@register
+class RTN(QuantizeMethod):
+    name = "rtn"
+    help = "Round-to-nearest integer weight quantization (2/3/4/8 bits, groups, sym/asym)."
+    Config = RTNConfig
+    needs_data = False
+
     def groups(self, layer, index):
         names = layer_targets(layer, index, self.config.ignore)
         check_group_size(layer, index, names, self.config.group_size, self.name)
         return [Group(names, stats="none", name="rtn")] if names else []
-
-    def layer_state(self, layer, index):
-        return grid_state(layer, layer_targets(layer, index, self.config.ignore))
-
-    def restore(self, layer, index, record, state):
-        restore_grids(layer, index, list(record.get(self.name, {})), state, self.name)
 
     @torch.no_grad()
     def apply(self, ctx):
