@@ -49,11 +49,11 @@ def _release_outputs() -> None:
 
 
 @click.group(cls=CompressGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="More log output: -v for progress details (INFO), -vv for debug.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def main(verbose: int, quiet: bool) -> None:
     """Make LLaMA-family models smaller, faster or adapted."""
-    level = logging.WARNING - 10 * min(verbose + (0 if quiet else 1), 2)
+    level = logging.WARNING - 10 * min(verbose, 2)  # default: warnings only (progress bars say the rest)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "huggingface_hub", "accelerate", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

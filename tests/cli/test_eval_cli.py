@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -84,3 +85,17 @@ def test_smollm2_wikitext2_perplexity_first_40_windows():
     out = json.loads(result.stdout)
     assert out["windows"] == 40 and out["tokens"] == 40 * 2047
     assert out["perplexity"] == pytest.approx(20.38, abs=0.006)
+
+
+def test_default_verbosity_prints_no_info_lines(tiny_model_folder, tmp_path):
+    """INFO lines are for -v: at the default verbosity a command's stderr holds no log line."""
+    out = tmp_path / "q"
+    result = subprocess.run([sys.executable, "-m", "compress", "quantize", str(tiny_model_folder), "--method", "rtn",
+                     "--out", str(out)], capture_output=True, text=True, cwd=REPO, stdin=subprocess.DEVNULL, timeout=300,
+                    env={**os.environ, "COMPRESS_PROGRESS": "0"})
+    assert result.returncode == 0, result.stderr
+    assert "INFO" not in result.stderr and "FutureWarning" not in result.stderr, result.stderr
+    verbose = subprocess.run([sys.executable, "-m", "compress", "-v", "quantize", str(tiny_model_folder), "--method", "rtn",
+                      "--out", str(out), "--force"], capture_output=True, text=True, cwd=REPO, stdin=subprocess.DEVNULL,
+                     timeout=300, env={**os.environ, "COMPRESS_PROGRESS": "0"})
+    assert verbose.returncode == 0 and "INFO compress" in verbose.stderr
