@@ -73,6 +73,7 @@ def compress(model, method: str, *, data: str = "generate", samples: int = 128, 
     loaded.model = done.model
     decoder_after = unique_parameters(loaded.model.model.layers)
     record = {"method": built.name, "config": built.config, "layers": built.describe_layers(loaded.model) or [],
+              **built.summary(),
               "records": done.layers, "seconds": round(done.seconds, 2),
               "parameters": {"before": before, "after": unique_parameters(loaded.model),
                              "decoder_before": decoder_before, "decoder_after": decoder_after},

@@ -247,6 +247,18 @@ def drop_layers(model: nn.Module, indices: Iterable[int]) -> Layout:
     return layout(model)
 
 
+def output_biases(model: nn.Module, config=None) -> tuple[bool, bool]:
+    """Whether o_proj / down_proj carry a bias that the config's ``attention_bias`` / ``mlp_bias`` do not
+    already describe (a compensation bias added by structured pruning): (o_proj, down_proj)."""
+    config = config if config is not None else model.config
+    layers = decoder_layers(model)
+    o_bias = not getattr(config, "attention_bias", False) and any(
+        projection(layer, O).bias is not None for layer in layers)
+    down_bias = not getattr(config, "mlp_bias", False) and any(
+        projection(layer, DOWN).bias is not None for layer in layers)
+    return o_bias, down_bias
+
+
 def width_config(model: nn.Module):
     """``(config, extra_files)``: the config that describes the model's present widths and depth, and the
     files to write beside it.
@@ -262,15 +274,16 @@ def width_config(model: nn.Module):
         lay = layout(model)
     except CompressError:
         return config, {}
+    o_bias, down_bias = output_biases(model, config)
     unchanged = (set(lay.heads) == {config.num_attention_heads} and set(lay.kv_heads) == {config.num_key_value_heads}
                  and set(lay.ffn) == {config.intermediate_size} and config.num_hidden_layers == lay.depth
-                 and config.model_type != MODEL_TYPE)
+                 and config.model_type != MODEL_TYPE and not (o_bias or down_bias))
     if unchanged:
         return config, {}
     dropped = bool(lay.dropped)
     new = per_layer_config(config, lay.heads, lay.kv_heads, lay.ffn,
                            parent_index=lay.kept_layers if dropped else None,
-                           parent_depth=lay.parent_depth if dropped else None)
+                           parent_depth=lay.parent_depth if dropped else None, o_bias=o_bias, down_bias=down_bias)
     new._attn_implementation = config._attn_implementation
     extra = {FILE_NAME: modeling_source()} if getattr(new, "auto_map", None) else {}
     return new, extra

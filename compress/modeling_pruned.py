@@ -4,6 +4,9 @@ Structured pruning with a non-uniform schedule (SlimGPT's Incremental Pruning Ra
 layers of different widths, which a plain ``LlamaConfig`` cannot describe. ``CompressLlamaConfig``
 adds three per-layer lists; ``CompressLlamaForCausalLM`` builds the stock Llama and then resizes each
 layer's projections, so the forward, the attention back-ends and the KV cache are transformers' own.
+A structured pruning that compensates the removed units' mean contribution (FLAP, SlimGPT's ``bias``
+option) gives o_proj and/or down_proj a bias: ``o_proj_bias`` / ``down_proj_bias`` say so (LlamaConfig's
+``attention_bias`` / ``mlp_bias`` would add biases to every projection of the block).
 Depth pruning is described by ``num_hidden_layers`` (the present layers, indexed 0..n-1 in the
 weights and the KV cache) plus, for provenance, ``layer_parent_index`` (the original index of each
 present layer) and ``parent_num_hidden_layers``; a plain ``LlamaConfig`` carries the same two keys
@@ -38,6 +41,8 @@ class CompressLlamaConfig(LlamaConfig):
     layer_intermediate_size: list[int] | None = None
     layer_parent_index: list[int] | None = None  # depth pruning: the parent index of each present layer
     parent_num_hidden_layers: int | None = None  # depth pruning: the parent's number of layers
+    o_proj_bias: bool = False  # every layer's o_proj has a bias (mean compensation of removed heads)
+    down_proj_bias: bool = False  # every layer's down_proj has a bias (mean compensation of removed channels)
 
     def validate_architecture(self):
         # head_dim is explicit, so the hidden size need not be a multiple of the head count.
@@ -66,25 +71,27 @@ class CompressLlamaConfig(LlamaConfig):
         return list(self.layer_intermediate_size or [self.intermediate_size] * self.num_hidden_layers)
 
 
-def _resized(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    if (linear.in_features, linear.out_features) == (in_features, out_features):
+def _resized(linear: nn.Linear, in_features: int, out_features: int, bias: bool | None = None) -> nn.Linear:
+    bias = linear.bias is not None if bias is None else bias or linear.bias is not None
+    if (linear.in_features, linear.out_features, linear.bias is not None) == (in_features, out_features, bias):
         return linear
-    return nn.Linear(in_features, out_features, bias=linear.bias is not None,
-                     device=linear.weight.device, dtype=linear.weight.dtype)
+    return nn.Linear(in_features, out_features, bias=bias, device=linear.weight.device, dtype=linear.weight.dtype)
 
 
-def resize_layer(layer: nn.Module, heads: int, kv_heads: int, ffn: int, head_dim: int) -> None:
-    """Give one LlamaDecoderLayer ``heads`` query heads, ``kv_heads`` KV heads and ``ffn`` channels."""
+def resize_layer(layer: nn.Module, heads: int, kv_heads: int, ffn: int, head_dim: int,
+                 o_bias: bool = False, down_bias: bool = False) -> None:
+    """Give one LlamaDecoderLayer ``heads`` query heads, ``kv_heads`` KV heads and ``ffn`` channels
+    (and a bias on o_proj / down_proj when asked)."""
     attn, mlp = layer.self_attn, layer.mlp
     hidden = attn.q_proj.in_features
     attn.q_proj = _resized(attn.q_proj, hidden, heads * head_dim)
     attn.k_proj = _resized(attn.k_proj, hidden, kv_heads * head_dim)
     attn.v_proj = _resized(attn.v_proj, hidden, kv_heads * head_dim)
-    attn.o_proj = _resized(attn.o_proj, heads * head_dim, hidden)
+    attn.o_proj = _resized(attn.o_proj, heads * head_dim, hidden, o_bias)
     attn.num_key_value_groups = heads // kv_heads  # used by repeat_kv / GQA in every attention back-end
     mlp.gate_proj = _resized(mlp.gate_proj, hidden, ffn)
     mlp.up_proj = _resized(mlp.up_proj, hidden, ffn)
-    mlp.down_proj = _resized(mlp.down_proj, ffn, hidden)
+    mlp.down_proj = _resized(mlp.down_proj, ffn, hidden, down_bias)
     mlp.intermediate_size = ffn
 
 
@@ -96,7 +103,7 @@ class CompressLlamaForCausalLM(LlamaForCausalLM):
     def __init__(self, config: CompressLlamaConfig):
         super().__init__(config)
         for layer, q, kv, f in zip(self.model.layers, config.heads(), config.kv_heads(), config.ffn()):
-            resize_layer(layer, q, kv, f, config.head_dim)
+            resize_layer(layer, q, kv, f, config.head_dim, config.o_proj_bias, config.down_proj_bias)
         self.post_init()
 
 
@@ -109,13 +116,15 @@ def register_auto_classes() -> None:
 
 
 def per_layer_config(base: LlamaConfig, heads: list[int], kv_heads: list[int], ffn: list[int],
-                     parent_index: list[int] | None = None, parent_depth: int | None = None) -> LlamaConfig:
+                     parent_index: list[int] | None = None, parent_depth: int | None = None,
+                     o_bias: bool = False, down_bias: bool = False) -> LlamaConfig:
     """The config that describes ``len(heads)`` layers of these widths: a plain LlamaConfig when every
-    layer has the same widths and the stock checks accept them, else a CompressLlamaConfig with an
-    ``auto_map``. ``parent_index`` / ``parent_depth`` record which parent layers were kept (depth pruning)."""
+    layer has the same widths, no o_proj / down_proj bias and the stock checks accept them, else a
+    CompressLlamaConfig with an ``auto_map``. ``parent_index`` / ``parent_depth`` record which parent
+    layers were kept (depth pruning)."""
     values = base.to_dict()
     for key in ("model_type", "auto_map", "architectures", "transformers_version", *PER_LAYER_FIELDS,
-                *PROVENANCE_FIELDS):
+                *PROVENANCE_FIELDS, "o_proj_bias", "down_proj_bias"):
         values.pop(key, None)
     values["head_dim"] = base.head_dim
     values["num_hidden_layers"] = len(heads)
@@ -123,12 +132,13 @@ def per_layer_config(base: LlamaConfig, heads: list[int], kv_heads: list[int], f
         values.update(layer_parent_index=list(parent_index), parent_num_hidden_layers=parent_depth)
     uniform = len(set(heads)) == 1 and len(set(kv_heads)) == 1 and len(set(ffn)) == 1
     values.update(num_attention_heads=heads[0], num_key_value_heads=kv_heads[0], intermediate_size=ffn[0])
-    if uniform and values["hidden_size"] % heads[0] == 0:
+    if uniform and not (o_bias or down_bias) and values["hidden_size"] % heads[0] == 0:
         config = LlamaConfig(**values)
         config.architectures = ["LlamaForCausalLM"]
         return config
     config = CompressLlamaConfig(**values, layer_num_attention_heads=list(heads),
-                                 layer_num_key_value_heads=list(kv_heads), layer_intermediate_size=list(ffn))
+                                 layer_num_key_value_heads=list(kv_heads), layer_intermediate_size=list(ffn),
+                                 o_proj_bias=bool(o_bias), down_proj_bias=bool(down_bias))
     config.architectures = ["CompressLlamaForCausalLM"]
     config.auto_map = {"AutoConfig": f"{FILE_NAME[:-3]}.CompressLlamaConfig",
                        "AutoModelForCausalLM": f"{FILE_NAME[:-3]}.CompressLlamaForCausalLM"}

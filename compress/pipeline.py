@@ -167,6 +167,9 @@ def run_stages(job: Job, model: torch.nn.Module, tokenizer, device: torch.device
                 last[0] = now
 
             state = None if job.state_dir is None else Path(job.state_dir) / f"walk-{result.walks + 1}"
+            prepass = [p for p in (m.prepass() for m in methods) if p is not None]
+            if prepass:  # read-only walk over the unchanged model (a global plan across layers)
+                walk_module.walk(model, result.tokens, prepass, device=device, batch_size=job.batch_size)
             walked = walk_module.walk(model, result.tokens, methods, device=device, batch_size=job.batch_size,
                                       state_dir=state, on_layer_done=timed)
             result.walks += 1
@@ -175,7 +178,9 @@ def run_stages(job: Job, model: torch.nn.Module, tokenizer, device: torch.device
             for s in step:
                 result.steps.append({"method": s.name, "kind": "layer", "walk": result.walks,
                                      "seconds": round(seconds, 2)})
-                result.stage_records.append({"method": s.name, "config": s.method.config, "walk": result.walks})
+                summary = s.method.summary()
+                result.stage_records.append({"method": s.name, "config": s.method.config, "walk": result.walks,
+                                             **({"result": summary} if summary else {})})
         else:
             stage = step[0]
             ctx = RunContext(model=model, tokenizer=tokenizer, device=device, source=source,

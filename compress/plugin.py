@@ -39,8 +39,8 @@ from compress.registry import load_plugins
 
 ENTRY_POINT_GROUP = "compress.methods"
 # built-in method modules, each registers itself on import
-BUILTIN_MODULES: list[str] = ["compress.methods.quantize", "compress.methods.slimgpt", "compress.methods.bone",
-                              "compress.methods.transfer.method"]
+BUILTIN_MODULES: list[str] = ["compress.methods.quantize", "compress.methods.slimgpt", "compress.methods.flap",
+                              "compress.methods.shortgpt", "compress.methods.bone", "compress.methods.transfer.method"]
 _REGISTRY: dict[str, type["Method"]] = {}
 _loaded = False
 
@@ -123,6 +123,11 @@ class Method:
         (e.g. a pruning method's ratio and widths); None when the method has nothing per layer."""
         return None
 
+    def summary(self) -> dict:
+        """After the work: a small JSON-able dict of what the method decided for the whole model (e.g.
+        the layers a depth pruning removed), for compress.json and the closing table. Default: none."""
+        return {}
+
     def input_paths(self) -> list[str]:
         """Models or files this method reads besides the job's model (from its config: e.g. the source
         checkpoints of a transfer), as given (folders, GGUF files, aliases). The pipeline refuses an
@@ -151,6 +156,13 @@ class LayerMethod(Method):
 
     def prepare(self, model: torch.nn.Module) -> Any:
         """Called once with the whole model before the walk (e.g. to plan every layer); fails fast."""
+
+    def prepass(self) -> "LayerMethod | None":
+        """A method that must see every layer before it changes any (a global allocation across layers)
+        returns a read-only layer method here: the pipeline walks it over the unchanged model first, on
+        the same calibration tokens, and its ``finish(model)`` hands what it learnt to this method
+        (e.g. the per-layer plans). A resumed walk runs the prepass again. Default: none."""
+        return None
 
     def groups(self, layer: torch.nn.Module, index: int) -> list[Group]:
         """The groups to observe and apply in order for decoder layer ``index``."""

@@ -4,7 +4,9 @@ For inputs X of shape (tokens, in_features) seen over the calibration set:
 
 * ``xtx``  the Gram matrix Σ xᵀx (in × in), the Hessian of the layer-wise squared error up to 2/N;
 * ``sq``   the per-input-channel sum of squares Σ x_j² (the Gram matrix's diagonal), which is all
-  that activation-norm methods (Wanda, FLAP) need, at O(in) memory.
+  that activation-norm methods (Wanda) need, at O(in) memory;
+* ``sum``  the per-input-channel sum Σ x_j (float64), for means and variances (FLAP's fluctuation,
+  bias compensation, the centred Hessian).
 
 Accumulation is in float32 by default (float64 on request); inputs are never held.
 """
@@ -28,7 +30,8 @@ class HessianAccumulator:
         self._lower = torch.zeros(in_features, in_features, device=device, dtype=dtype) if gram else None
         self.block = (1024 if self.device.type == "cuda" else 192) if in_features >= 384 else in_features
         # Σ x² per channel: the Gram matrix's diagonal when there is one, else accumulated on its own
-        self.sq = None if gram else torch.zeros(in_features, device=device, dtype=dtype)
+        self.sq = None if gram else torch.zeros(in_features, device=device, dtype=torch.float64)
+        self.sum = torch.zeros(in_features, device=device, dtype=torch.float64)
         self.count = 0  # number of token rows seen
 
     @property
@@ -48,7 +51,8 @@ class HessianAccumulator:
             for i in range(0, self.in_features, self.block):  # strided views: BLAS reads them as is
                 self._lower[i:, i:i + self.block].addmm_(x[:, i:].t(), x[:, i:i + self.block])
         else:
-            self.sq += x.pow(2).sum(0)
+            self.sq += x.double().pow(2).sum(0)
+        self.sum += x.sum(0, dtype=torch.float64)
         self.count += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -56,6 +60,23 @@ class HessianAccumulator:
         if self._lower is None:
             raise RuntimeError("this accumulator keeps only channel norms")
         return self.xtx.mul_(2.0 / max(self.count, 1))
+
+    def mean(self) -> torch.Tensor:
+        """E[x_j] over all tokens for every input channel (float64)."""
+        return self.sum / max(self.count, 1)
+
+    def variance(self) -> torch.Tensor:
+        """Var[x_j] over all tokens for every input channel (population variance, float64): FLAP's
+        fluctuation of an input feature."""
+        sq = (self._lower.diagonal() if self._lower is not None else self.sq).double()
+        mean = self.mean()
+        return (sq / max(self.count, 1) - mean * mean).clamp_min(0)
+
+    def centered_hessian(self) -> torch.Tensor:
+        """2/N Σ (x − μ)ᵀ(x − μ): the Hessian of the layer-wise error when the output may also shift by a
+        bias (the best bias then restores the mean output; see SlimGPT's ``bias`` option)."""
+        mean = self.mean().to(self._lower.dtype if self._lower is not None else torch.float64)
+        return self.hessian().sub_(torch.outer(mean, mean), alpha=2.0)
 
     def channel_norms(self) -> torch.Tensor:
         """‖X_j‖₂ over all tokens for every input channel j (Wanda's activation norm)."""
@@ -65,3 +86,4 @@ class HessianAccumulator:
     def free(self) -> None:
         self._lower = None
         self.sq = None
+        self.sum = None

@@ -46,7 +46,9 @@ def assign_layer_state(layer: torch.nn.Module, state: dict[str, torch.Tensor]) -
         module_name, _, attr = name.rpartition(".")
         module = layer.get_submodule(module_name) if module_name else layer
         current = getattr(module, attr)
-        if isinstance(current, torch.nn.Parameter):
+        if current is None and attr in module._parameters:  # e.g. a bias that pruning added to o_proj
+            setattr(module, attr, torch.nn.Parameter(tensor.clone(), requires_grad=False))
+        elif isinstance(current, torch.nn.Parameter):
             setattr(module, attr, torch.nn.Parameter(tensor.to(current.dtype).clone(), requires_grad=current.requires_grad))
         else:
             setattr(module, attr, tensor.clone())

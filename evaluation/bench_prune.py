@@ -35,7 +35,19 @@ from compress.plugin import LayerContext
 from compress.walk import walk
 from evaluation.prune_baselines import StructuredBaseline
 
-METHODS = ["dense", "magnitude", "wanda-sp", "slimgpt-uniform", "slimgpt-log"]
+# row name → (registered method, its options besides ratio/gqa_unit); magnitude and wanda-sp are the
+# baselines of evaluation.prune_baselines on SlimGPT's uniform plan
+VARIANTS = {
+    "slimgpt-uniform": ("slimgpt", {"schedule": "uniform"}),
+    "slimgpt-log": ("slimgpt", {"schedule": "log"}),
+    "slimgpt-log-bias": ("slimgpt", {"schedule": "log", "bias": True}),
+    "slimgpt-global": ("slimgpt", {"schedule": "global", "bias": True}),
+    "slimgpt-global-rel": ("slimgpt", {"schedule": "global", "global_score": "relative", "bias": True}),
+    "flap": ("flap", {}),
+    "flap-nobias": ("flap", {"bias": False}),
+    "shortgpt": ("shortgpt", {}),
+}
+METHODS = ["dense", "magnitude", "wanda-sp", *VARIANTS]
 
 
 @torch.no_grad()
@@ -51,12 +63,13 @@ def run_method(name: str, ratio: float, tokens: torch.Tensor, args) -> tuple[tor
     model = load_model(args.model, tokenizer=False).model
     if name == "dense":
         return model, 0.0
-    schedule = "log" if name == "slimgpt-log" else "uniform"
-    options = {"ratio": ratio, "schedule": schedule, "gqa_unit": args.gqa_unit}
     start = time.perf_counter()
-    if name.startswith("slimgpt"):
-        compress.prune(model, tokens=tokens, device="cpu", batch_size=args.batch_size, **options)
+    if name in VARIANTS:
+        method, extra = VARIANTS[name]
+        options = {"ratio": ratio, **extra, **({} if method == "shortgpt" else {"gqa_unit": args.gqa_unit})}
+        compress.prune(model, method=method, tokens=tokens, device="cpu", batch_size=args.batch_size, **options)
         return model, time.perf_counter() - start
+    options = {"ratio": ratio, "schedule": "uniform", "gqa_unit": args.gqa_unit}
     planner = build_method("slimgpt", options)
     planner.prepare(model)
     method = StructuredBaseline(name, planner)

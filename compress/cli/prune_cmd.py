@@ -1,4 +1,4 @@
-"""``compress prune``: structured pruning of a LLaMA-family model (SlimGPT)."""
+"""``compress prune``: structured pruning of a LLaMA-family model (SlimGPT, FLAP, ShortGPT)."""
 
 from __future__ import annotations
 
@@ -19,12 +19,16 @@ def _check_ratio(ratio: float) -> None:
 @click.argument("model")
 @click.option("--method", "method_name", default="slimgpt", show_default=True,
               help="Pruning method (a registered name of the prune verb).")
-@click.option("--ratio", type=float, required=True, help="Fraction of the decoder layers' parameters to remove, in (0, 1).")
+@click.option("--ratio", type=float, default=None,
+              help="Fraction of the decoder layers' parameters to remove, in (0, 1) (required unless the method "
+                   "takes --layers).")
 @click.option("--out", required=True, help="Output folder (must not exist unless --force).")
-@click.option("--schedule", type=click.Choice(["log", "linear", "uniform"]), default="log", show_default=True,
-              help="Per-layer ratios: log = SlimGPT's Incremental Pruning Ratio.")
-@click.option("--gqa-unit", type=click.Choice(["query", "kv"]), default="query", show_default=True,
-              help="Under grouped-query attention: remove query heads evenly in every KV group, or whole KV groups.")
+@click.option("--schedule", type=click.Choice(["log", "linear", "uniform", "global"]), default=None,
+              help="SlimGPT's per-layer ratios: log = the paper's Incremental Pruning Ratio (default), global = "
+                   "allocated by OBS error across layers.")
+@click.option("--gqa-unit", type=click.Choice(["query", "kv"]), default=None,
+              help="Under grouped-query attention: remove query heads evenly in every KV group (query, the "
+                   "default), or whole KV groups (kv).")
 @calibration_options(default_data="generate")
 @click.option("--eval", "with_eval", is_flag=True, help="Measure WikiText-2 perplexity before and after.")
 @click.option("--eval-seqlen", type=int, default=128, show_default=True, help="Window length for --eval.")
@@ -50,10 +54,13 @@ def prune_command(model, method_name, ratio, out, schedule, gqa_unit, data, samp
     from compress.pipeline import preflight, run_job, update_record
     from compress.plugin import build_method
 
-    _check_ratio(ratio)
+    given = {k: v for k, v in (("ratio", ratio), ("schedule", schedule), ("gqa_unit", gqa_unit)) if v is not None}
+    options = method_options("prune", method_name, {**given, **_method_options})
+    if ratio is not None:
+        _check_ratio(ratio)
+    elif "layers" not in options:
+        raise CompressError("--ratio is required (or --layers N with a depth-pruning method such as shortgpt)")
     check_sizes(samples, seqlen)
-    options = {"ratio": ratio, "schedule": schedule, "gqa_unit": gqa_unit,
-               **method_options("prune", method_name, _method_options)}
     method = build_method(method_name, options, verb="prune")
     evals = [PerplexitySection(data="wikitext2", seqlen=eval_seqlen, windows=eval_windows)] if with_eval else []
     job = Job(model=model, stages=[Stage(method, options)], out=out, device=device, batch_size=batch_size,
@@ -78,16 +85,17 @@ def _prune_record(method, model_spec, job):
                       calibration={"data": job.data.source, "samples": job.data.samples, "seqlen": job.data.seqlen,
                                    "seed": job.data.seed},
                       records=[{k: v for k, v in r.items() if k != "walk"} for r in done.layers],
-                      layers=method.describe_layers(model) or [])
+                      layers=method.describe_layers(model) or [], **method.summary())
         record["metrics"]["decoder_removed_fraction"] = 1.0 - params["decoder_after"] / params["decoder_before"]
     return hook
 
 
 def _report(result, eval_seqlen) -> None:
     record = result.record
-    rows = [(i, layer["ratio"], layer["heads"], layer["kv_heads"], layer["ffn"]) for i, layer in enumerate(record["layers"])]
-    if rows:
-        print_table(rows, ("layer", "ratio", "heads", "kv_heads", "ffn"))
+    layers = record["layers"]
+    if layers:
+        columns = list(layers[0])
+        print_table([(i, *(layer.get(c) for c in columns)) for i, layer in enumerate(layers)], ("layer", *columns))
         click.echo("")
     params, metrics = record["parameters"], result.metrics
     totals = [("parameters before", params["before"]), ("parameters after", params["after"]),
@@ -96,6 +104,8 @@ def _report(result, eval_seqlen) -> None:
     if "perplexity_after" in metrics:
         totals += [(f"perplexity before (wikitext2 @ {eval_seqlen})", metrics["perplexity_before"]),
                    (f"perplexity after (wikitext2 @ {eval_seqlen})", metrics["perplexity_after"])]
+    if record.get("dropped_layers") is not None:
+        totals.append(("layers removed", ", ".join(map(str, record["dropped_layers"]))))
     totals.append(("saved to", str(result.folder)))
     print_table(totals, ("", "value"))
 

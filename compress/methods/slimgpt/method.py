@@ -20,12 +20,13 @@ import time
 import torch
 
 from compress.errors import CompressError
+from compress.models import decoder_layers
 from compress.plugin import Group, LayerContext, LayerMethod, register
 from compress.methods.slimgpt.config import SlimGPTConfig
 from compress.methods.slimgpt.obs import dynamic_group_sizes, prune_channels, prune_column_groups
 from compress.methods.slimgpt.plan import LayerPlan, LayerShape, plan_model
-from compress.methods.slimgpt.shrink import (head_channels, layer_widths, refresh_attributes,  # noqa: F401
-                                             shrink_attention, shrink_mlp)
+from compress.methods.slimgpt.shrink import (add_bias, head_channels, layer_widths,  # noqa: F401
+                                             refresh_attributes, shrink_attention, shrink_mlp)
 
 log = logging.getLogger(__name__)
 ATTENTION = "self_attn.o_proj"
@@ -55,10 +56,23 @@ class SlimGPT(LayerMethod):
     def prepare(self, model: torch.nn.Module) -> list[LayerPlan]:
         """Plan every layer from the model's widths; raises CompressError if a layer would be emptied."""
         self.shapes = model_shapes(model)
+        if self.config.schedule == "global":  # planned by the prepass (OBSProfile.finish); check it can be met
+            uniform = plan_model(self.shapes, self.config.ratio, "uniform", self.config.min_scale,
+                                 self.config.gqa_unit, self.config.prune_attention, self.config.ffn_multiple)
+            self.plans = None
+            return uniform
         self.plans = plan_model(self.shapes, self.config.ratio, self.config.schedule, self.config.min_scale,
                                 self.config.gqa_unit, self.config.prune_attention,
                                 self.config.ffn_multiple)
         return self.plans
+
+    def prepass(self):
+        """The global schedule scores every layer's units on the unchanged model first."""
+        if self.config.schedule != "global":
+            return None
+        from compress.methods.slimgpt.profile import OBSProfile
+
+        return OBSProfile(self)
 
     def describe_layers(self, model: torch.nn.Module) -> list[dict] | None:
         if self.plans is None:
@@ -104,16 +118,38 @@ class SlimGPT(LayerMethod):
         layer, index, group, stats = ctx.layer, ctx.index, ctx.group, ctx.stats
         start = time.perf_counter()
         plan, shape = self._plan(index), self.shapes[index]
+        stat = stats[ATTENTION if group.name == "attention" else MLP]
+        # with ``bias``: OBS on the centred inputs, then the bias that restores the mean output
+        hessian = stat.centered_hessian() if self.config.bias else stat.hessian()
+        mean = stat.mean() if self.config.bias else None
         if group.name == "attention":
-            out = self._prune_attention(layer, plan, shape, stats[ATTENTION].hessian())
+            out = self._prune_attention(layer, plan, shape, hessian, mean)
         else:
-            out = self._prune_mlp(layer, plan, stats[MLP].hessian())
+            out = self._prune_mlp(layer, plan, hessian, mean)
         out[f"{group.name}_seconds"] = round(time.perf_counter() - start, 3)
         log.info("layer %d %s: %s", index, group.name,
                  {k: v for k, v in out.items() if k in ("heads_kept", "kv_heads_kept", "ffn_kept")})
         return out
 
-    def _prune_attention(self, layer, plan: LayerPlan, shape: LayerShape, hessian: torch.Tensor) -> dict:
+    def finish(self, model: torch.nn.Module) -> None:
+        """With ``bias``, every o_proj / down_proj gets one (zeros where a layer lost nothing), so that one
+        config flag describes the checkpoint."""
+        if self.config.bias:
+            for layer in decoder_layers(model):
+                for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                    if linear.bias is None:
+                        add_bias(linear, torch.zeros(linear.out_features))
+
+    @staticmethod
+    def _mean_bias(linear, new_weight: torch.Tensor, mean: torch.Tensor | None) -> None:
+        """b += (W − Ŵ) E[x]: the output's mean on the calibration tokens is what it was (Ŵ has the
+        removed columns at zero)."""
+        if mean is not None:
+            delta = linear.weight.detach().double() - new_weight.double().to(linear.weight.device)
+            add_bias(linear, delta @ mean.double().to(linear.weight.device))
+
+    def _prune_attention(self, layer, plan: LayerPlan, shape: LayerShape, hessian: torch.Tensor,
+                         mean: torch.Tensor | None = None) -> dict:
         attn = layer.self_attn
         groups = shape.heads // shape.kv_heads
         weight = attn.o_proj.weight
@@ -129,17 +165,19 @@ class SlimGPT(LayerMethod):
                                          damping=self.config.damping, dtype=self._dtype)
             kept_kv = result.kept
             kept_heads = [g * groups + j for g in kept_kv for j in range(groups)]
+        self._mean_bias(attn.o_proj, result.weight, mean)
         shrink_attention(attn, result.weight.to(weight.dtype), kept_heads, kept_kv, shape.head_dim)
         self._kept = {ATTENTION: head_channels(kept_heads, shape.head_dim, torch.device("cpu"))}
         return {"heads_kept": len(kept_heads), "kv_heads_kept": len(kept_kv), "removed_units": result.removed,
                 "attention_error": result.total_error}
 
-    def _prune_mlp(self, layer, plan: LayerPlan, hessian: torch.Tensor) -> dict:
+    def _prune_mlp(self, layer, plan: LayerPlan, hessian: torch.Tensor, mean: torch.Tensor | None = None) -> dict:
         mlp = layer.mlp
         sizes = dynamic_group_sizes(plan.channels_removed, self.config.ffn_first_cap, self.config.ffn_batch)
         weight = mlp.down_proj.weight
         result = prune_channels(weight, hessian, plan.channels_removed, damping=self.config.damping,
                                 batch_sizes=sizes, dtype=self._dtype)
+        self._mean_bias(mlp.down_proj, result.weight, mean)
         shrink_mlp(mlp, result.weight.to(weight.dtype), result.kept)
         self._kept = {MLP: torch.tensor(result.kept, dtype=torch.long)}
         return {"ffn_kept": len(result.kept), "ffn_batches": sizes, "mlp_error": result.total_error}

@@ -57,6 +57,15 @@ def shrink_mlp(mlp: nn.Module, down_weight: torch.Tensor, kept: list[int]) -> No
         mlp.intermediate_size = len(kept)
 
 
+def add_bias(linear: nn.Linear, bias: torch.Tensor) -> None:
+    """Add ``bias`` (out_features) to the Linear's bias, creating one (zeros) if it has none: the mean
+    contribution of removed inputs (FLAP's bias compensation)."""
+    base = linear.bias.detach() if linear.bias is not None else torch.zeros(
+        linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
+    linear.bias = nn.Parameter((base.double() + bias.to(base.device).double()).to(linear.weight.dtype),
+                               requires_grad=False)
+
+
 def refresh_attributes(layer: nn.Module, head_dim: int) -> None:
     """Set the attributes a LlamaDecoderLayer derives from its widths (``num_key_value_groups``, read by
     every attention back-end, and the MLP's ``intermediate_size``) from its projections as they are now,
