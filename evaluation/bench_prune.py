@@ -42,9 +42,8 @@ VARIANTS = {
     "slimgpt-log": ("slimgpt", {"schedule": "log"}),
     "slimgpt-log-bias": ("slimgpt", {"schedule": "log", "bias": True}),
     "slimgpt-global": ("slimgpt", {"schedule": "global", "bias": True}),
-    "slimgpt-global-rel": ("slimgpt", {"schedule": "global", "global_score": "relative", "bias": True}),
     "flap": ("flap", {}),
-    "flap-nobias": ("flap", {"bias": False}),
+    "flap-uniform": ("flap", {"structure": "uniform"}),
     "shortgpt": ("shortgpt", {}),
 }
 METHODS = ["dense", "magnitude", "wanda-sp", *VARIANTS]
@@ -144,10 +143,13 @@ def main() -> None:
 def merge(args) -> None:
     """Render one table from several runs (e.g. one process per ratio) that share a protocol."""
     parts = [json.loads(Path(p).read_text()) for p in args.merge]
-    rows = [row for part in parts for row in part["rows"]]
-    dense = next(row for row in rows if row["method"] == "dense")
-    for row in rows:
-        row["prefill_vs_dense"] = row["prefill_tok_s"] / dense["prefill_tok_s"]
+    rows = []
+    for part in parts:  # each run's speeds against the dense model measured in that same run
+        dense = next(row for row in part["rows"] if row["method"] == "dense")
+        for row in part["rows"]:
+            row["prefill_vs_dense"] = row["prefill_tok_s"] / dense["prefill_tok_s"]
+            if row["method"] != "dense" or not any(r["method"] == "dense" for r in rows):
+                rows.append(row)
     first = argparse.Namespace(**parts[0]["args"])
     shape = (first.samples, first.calib_seqlen)
     table = render(rows, first, parts[0]["forward_s"], shape)

@@ -9,7 +9,8 @@ statistics; FLAP measures on the dense model). A feature's fluctuation score is
 summed over a head's ``head_dim`` columns for attention. Scores are standardized per layer and
 module kind, and one global threshold (:mod:`.allocate`) removes the lowest-scoring units of the whole
 model until ``ratio`` of its projection parameters are gone, so layers lose different amounts
-(FLAP's adaptive structure). Each removed input's mean contribution is added back as a bias,
+(FLAP's adaptive structure; ``structure: uniform`` instead removes the same fraction from every layer,
+heads and channels as SlimGPT plans them, FLAP's UL-UM). Each removed input's mean contribution is added back as a bias,
 b = W_:,S · E[x_S], so the mean output of o_proj / down_proj on the calibration tokens is unchanged.
 
 Under grouped-query attention the attention units are SlimGPT's: ``query`` removes one query head
@@ -42,12 +43,17 @@ class FLAPConfig:
     bias: bool = config_field(True, "Bias compensation: add the removed inputs' mean contribution to "
                                     "o_proj / down_proj.")
     prune_attention: bool = config_field(True, "Prune attention heads (else only FFN channels).")
+    structure: str = config_field("global", "global: one threshold over the standardized scores of the whole model "
+                                            "(FLAP's adaptive AL-AM structure); uniform: every layer loses the same "
+                                            "fraction, split between heads and channels as SlimGPT's plan (UL-UM).")
 
     def __post_init__(self):
         if not 0.0 < self.ratio < 1.0:
             raise ConfigError(f"field 'ratio' must be strictly between 0 and 1, got {self.ratio}")
         if self.gqa_unit not in ("query", "kv"):
             raise ConfigError(f"field 'gqa_unit' must be 'query' or 'kv', got {self.gqa_unit!r}")
+        if self.structure not in ("global", "uniform"):
+            raise ConfigError(f"field 'structure' must be global or uniform, got {self.structure!r}")
 
 
 def fluctuation(weight: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
@@ -143,10 +149,26 @@ class FLAP(LayerMethod):
                 units.append(UnitScores(index, "attention", z, self._unit_cost(lay, widths)))
             z = standardize(got["mlp"])
             units.append(UnitScores(index, "mlp", torch.sort(z).values, 3 * lay.hidden))
-        self.removed = allocate(units, self.config.ratio * lay.parameters())
+        if self.config.structure == "uniform":
+            self.removed = self._uniform(lay)
+        else:
+            self.removed = allocate(units, self.config.ratio * lay.parameters())
         for index, layer in enumerate(layers):
             self._prune_layer(layer, index, lay, members.get(index))
         log.info("flap: removed %s", {f"{k[0]}.{k[1]}": v for k, v in sorted(self.removed.items())})
+
+    def _uniform(self, lay) -> dict[tuple[int, str], int]:
+        """UL-UM: every layer loses ``ratio`` of its parameters, heads and channels as SlimGPT plans them."""
+        from compress.methods.slimgpt.plan import LayerShape, plan_layer
+
+        removed = {}
+        for index, w in enumerate(lay.layers):
+            shape = LayerShape(lay.hidden, w.heads, w.kv_heads, lay.head_dim, w.ffn)
+            plan = plan_layer(self.config.ratio, shape, self.config.gqa_unit, self.config.prune_attention, index)
+            if self.config.prune_attention:
+                removed[(index, "attention")] = plan.attention_units
+            removed[(index, "mlp")] = plan.channels_removed
+        return removed
 
     def _kv_unit(self, widths) -> bool:
         return self.config.gqa_unit == "kv" or widths.groups == 1

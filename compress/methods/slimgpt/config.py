@@ -14,9 +14,6 @@ class SlimGPTConfig:
                                      "(q, k, v, o, gate, up, down) to remove, in (0, 1).")
     schedule: str = config_field("log", "Per-layer ratio: log (Incremental Pruning Ratio), linear, uniform, or "
                                         "global (allocated by the OBS errors of every layer's units, one threshold).")
-    global_score: str = config_field("zscore", "With schedule global: how unit errors are compared across layers: "
-                                               "zscore (standardized per layer, as FLAP) or relative (÷ the module's "
-                                               "output energy).")
     min_scale: float = config_field(0.25, "r_min = min_scale × ratio for the log/linear schedules, in [0, 1].")
     damping: float = config_field(0.01, "Hessian damping as a fraction of its mean diagonal.")
     gqa_unit: str = config_field("query", "Attention unit under grouped-query attention: 'query' removes the "
@@ -36,8 +33,6 @@ class SlimGPTConfig:
             raise ConfigError(f"field 'ratio' must be strictly between 0 and 1, got {self.ratio}")
         if self.schedule not in ("log", "linear", "uniform", "global"):
             raise ConfigError(f"field 'schedule' must be log, linear, uniform or global, got {self.schedule!r}")
-        if self.global_score not in ("zscore", "relative"):
-            raise ConfigError(f"field 'global_score' must be zscore or relative, got {self.global_score!r}")
         if not 0.0 <= self.min_scale <= 1.0:
             raise ConfigError(f"field 'min_scale' must be in [0, 1], got {self.min_scale}")
         if not 0.0 <= self.damping < 1.0:
