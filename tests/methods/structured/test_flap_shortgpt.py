@@ -196,3 +196,10 @@ def test_cli_writes_a_model_that_reloads(tmp_path, tiny_model_folder, method, fl
     else:
         assert model.model.layers[0].mlp.down_proj.bias is not None
         assert 0.25 < record["metrics"]["decoder_removed_fraction"] < 0.35
+
+
+def test_flap_uniform_structure_takes_slimgpt_plan_widths():
+    flap, slim = _tiny(), _tiny()
+    compress.prune(flap, method="flap", tokens=TOKENS, ratio=0.3, structure="uniform", device="cpu")
+    compress.prune(slim, tokens=TOKENS, ratio=0.3, schedule="uniform", device="cpu")
+    assert arch.layout(flap).layers == arch.layout(slim).layers and len(set(arch.layout(flap).layers)) == 1
