@@ -118,43 +118,75 @@ def sample_windows(stream: torch.Tensor, samples: int, seqlen: int, seed: int, w
     return torch.stack([stream[i * seqlen:(i + 1) * seqlen] for i in chosen.tolist()])
 
 
+GENERATE_KV_BUDGET = 768 << 20  # bytes of KV cache one generation batch may hold
+GENERATE_MAX_BATCH = 64
+
+
+def generation_batch(model, samples: int, seqlen: int) -> int:
+    """Samples generated together: as many as fit ``GENERATE_KV_BUDGET`` of KV cache at ``seqlen``
+    (decoding reads every weight once per step, so wider batches are cheaper per token), at most 64."""
+    from compress.metrics.cost import kv_cache_bytes_per_token
+
+    per_sample = max(1, kv_cache_bytes_per_token(model) * seqlen)
+    return max(1, min(samples, GENERATE_MAX_BATCH, GENERATE_KV_BUDGET // per_sample))
+
+
+def sample_seeds(samples: int, seed: int) -> list[int]:
+    """One generator seed per sample, drawn from ``seed``: sample i's tokens do not depend on the batch."""
+    drawn = torch.randint(0, 2**62, (samples,), generator=torch.Generator().manual_seed(seed))
+    return [int(x) for x in drawn]
+
+
+def _top_k_pick(logits: torch.Tensor, generators: list, temperature: float, top_k: int) -> torch.Tensor:
+    """One token per row of ``logits`` (b, V): top-k sampling by inverse CDF with each row's generator."""
+    top = torch.topk(logits.float() / temperature, min(top_k, logits.shape[-1]), dim=-1)
+    cdf = torch.softmax(top.values, dim=-1).cumsum(dim=-1).cpu()  # (b, k)
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float32) for g in generators])  # (b,)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=cdf.shape[-1] - 1)  # (b, 1)
+    return top.indices.cpu().gather(1, pick)
+
+
 @torch.no_grad()
-def generate_tokens(model, tokenizer, samples: int, seqlen: int, seed: int, batch_size: int = 16,
+def generate_tokens(model, tokenizer, samples: int, seqlen: int, seed: int, batch_size: int | None = None,
                     temperature: float = 1.0, top_k: int = 50) -> torch.Tensor:
     """Data-free calibration: text the model samples itself, seeded (LLM-QAT style).
 
     Each sample starts from BOS (or token 0) and a first token drawn uniformly from the vocabulary,
-    then continues with top-k sampling at ``temperature``. Returns (samples, seqlen).
+    then continues with top-k sampling at ``temperature``. Sample i draws from its own generator
+    (:func:`sample_seeds`), so the tokens are the same whatever ``batch_size`` (default:
+    :func:`generation_batch`). Batches decode with a KV cache, one token per step and only the last
+    position's logits. Returns (samples, seqlen).
     """
     check_sizes(samples, seqlen)
+    import inspect
+
     from compress.progress import bar
 
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
     bos = model.config.bos_token_id if bos is None else bos
-    generator = torch.Generator().manual_seed(seed)
-    out = []
+    batch_size = batch_size or generation_batch(model, samples, seqlen)
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    seeds = sample_seeds(samples, seed)
+    out = torch.empty((samples, seqlen), dtype=torch.long)
     progress = bar("generating calibration text", total=samples * seqlen, unit="tok")
     for start in range(0, samples, batch_size):
-        b = min(batch_size, samples - start)
-        first = torch.randint(0, vocab, (b, 1), generator=generator)
-        ids = torch.cat([torch.full((b, 1), bos if bos is not None else 0), first], dim=1)[:, :seqlen]
-        cache = None
-        step_input = ids
-        while ids.shape[1] < seqlen:
-            result = model(input_ids=step_input.to(device), cache=cache, use_cache=True)
-            cache = result.cache
-            logits = result.logits[:, -1].float().cpu() / temperature
-            top = torch.topk(logits, top_k, dim=-1)
-            probs = torch.softmax(top.values, dim=-1)
-            pick = torch.multinomial(probs, 1, generator=generator)
-            step_input = top.indices.gather(1, pick)
-            ids = torch.cat([ids, step_input], dim=1)
-            progress.update(b)
-        out.append(ids)
+        generators = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
+        ids = out[start:start + len(generators)]  # a view: written in place
+        ids[:, 0] = bos if bos is not None else 0
+        if seqlen > 1:
+            ids[:, 1] = torch.cat([torch.randint(0, vocab, (1,), generator=g) for g in generators])
+        cache, step_input, position = None, ids[:, :2], 0
+        while position + step_input.shape[1] < seqlen:
+            result = model(input_ids=step_input.to(device), cache=cache, use_cache=True, **keep_last)
+            cache, position = result.cache, position + step_input.shape[1]
+            ids[:, position:position + 1] = _top_k_pick(result.logits[:, -1], generators, temperature, top_k)
+            step_input = ids[:, position:position + 1]
+            progress.update(len(generators))
+        del cache
     progress.close()
-    return torch.cat(out)
+    return out
 
 
 def calibration_tokens(model, tokenizer, source: str = "generate", samples: int = 128, seqlen: int = 512,

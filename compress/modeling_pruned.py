@@ -26,6 +26,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 MODEL_TYPE = "compress_llama"
+SAVED_MODEL_TYPE = "llama"  # what config.json says (see CompressLlamaConfig.to_dict)
 FILE_NAME = "modeling_compress_llama.py"
 PER_LAYER_FIELDS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size")
 PROVENANCE_FIELDS = ("layer_parent_index", "parent_num_hidden_layers")
@@ -60,6 +61,18 @@ class CompressLlamaConfig(LlamaConfig):
         for q, kv in zip(self.heads(), self.kv_heads()):
             if q <= 0 or kv <= 0 or q % kv:
                 raise ValueError(f"a layer has {q} query heads and {kv} KV heads; need a positive multiple")
+
+    def to_dict(self) -> dict:
+        # config.json names the stock type: AutoConfig and AutoTokenizer read the folder without remote
+        # code; the per-layer fields and auto_map still route the model class to this file.
+        return {**super().to_dict(), "model_type": SAVED_MODEL_TYPE}
+
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") == SAVED_MODEL_TYPE:  # our own config.json: no type mismatch
+            config_dict = {**config_dict, "model_type": MODEL_TYPE}
+        return config_dict, kwargs
 
     def heads(self) -> list[int]:
         return list(self.layer_num_attention_heads or [self.num_attention_heads] * self.num_hidden_layers)

@@ -214,8 +214,8 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
         path = resolve_model_path(spec)
         model_weight_files(path)  # only model.safetensors or safetensors shards, whatever else is there
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False,
-                                                         use_safetensors=True)
+            model = AutoModelForCausalLM.from_pretrained(str(path), config=_per_layer_config(path), dtype=dtype,
+                                                         trust_remote_code=False, use_safetensors=True)
         except Exception as exc:
             raise CompressError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None
     model.to(device).eval()
@@ -223,6 +223,25 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     if tokenizer and _has_tokenizer(path):
         tok = AutoTokenizer.from_pretrained(str(path))
     return LoadedModel(model=model, tokenizer=tok, source=str(spec), path=path)
+
+
+def _per_layer_config(path: Path):
+    """The CompressLlamaConfig of a per-layer-width folder, else None. Its config.json says model_type
+    ``llama`` (so that AutoTokenizer reads the folder without remote code); its auto_map and per-layer
+    fields name it."""
+    try:
+        values = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    from compress.modeling_pruned import PER_LAYER_FIELDS, CompressLlamaConfig
+
+    auto_map = values.get("auto_map") if isinstance(values, dict) else None
+    routed = isinstance(auto_map, dict) and str(auto_map.get("AutoModelForCausalLM", "")).endswith(
+        ".CompressLlamaForCausalLM")
+    if not isinstance(values, dict) or not (routed or any(values.get(k) for k in PER_LAYER_FIELDS)):
+        return None
+
+    return CompressLlamaConfig.from_pretrained(str(path))
 
 
 def load_skeleton(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -239,7 +258,7 @@ def load_skeleton(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -
     path = resolve_model_path(spec)
     model_weight_files(path)
     try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        config = _per_layer_config(path) or AutoConfig.from_pretrained(str(path), trust_remote_code=False)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     except Exception as exc:

@@ -39,8 +39,13 @@ class HessianAccumulator:
         """Σ xᵀx (in × in), symmetric."""
         if self._lower is None:
             return None
-        lower = self._lower.tril()
-        return lower + lower.tril(-1).t()
+        full = self._lower.tril()
+        for i in range(0, self.in_features, self.block):  # mirror block by block: no n×n temporaries
+            j = i + self.block
+            full[i:j, j:].copy_(full[j:, i:j].t())
+            diag = full[i:j, i:j]
+            diag.add_(diag.tril(-1).t())
+        return full
 
     def add_batch(self, inp: torch.Tensor) -> None:
         """Add inputs of shape (..., in_features)."""
@@ -81,7 +86,7 @@ class HessianAccumulator:
     def channel_norms(self) -> torch.Tensor:
         """‖X_j‖₂ over all tokens for every input channel j (Wanda's activation norm)."""
         sq = self._lower.diagonal() if self._lower is not None else self.sq
-        return sq.clamp_min(0).sqrt()
+        return sq.clamp_min(0).sqrt().to(self.dtype)
 
     def free(self) -> None:
         self._lower = None

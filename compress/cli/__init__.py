@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 import click
@@ -18,6 +19,7 @@ from compress.errors import CompressError
 COMMANDS = [
     "compress.cli.adapt_cmd",
     "compress.cli.eval_cmd",
+    "compress.cli.hybridize_cmd",
     "compress.cli.prune_cmd",
     "compress.cli.quantize_cmd",
     "compress.cli.run_cmd",
@@ -65,6 +67,10 @@ def main(verbose: int, quiet: bool) -> None:
 
 
 def _quiet_transformers() -> None:
+    if "transformers" not in sys.modules:  # not imported yet (a help page may never need it): tell it by env
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        return
     try:
         from transformers.utils import logging as hf_logging
 

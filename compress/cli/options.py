@@ -5,7 +5,8 @@ declares itself, it offers one flag per Config field of every registered method 
 (``Method.verb``), with the field's help text. ``--damping`` comes from SlimGPTConfig.damping,
 ``--clip-grid`` from QuantizeConfig.clip_grid, and a third-party method of the verb adds its own.
 The registry is loaded only when the verb itself runs or shows its help: ``compress --help`` stays
-light. A flag the user gives reaches the method as an option; a flag the chosen method has no field
+light, and a verb's help page reads the flags from :mod:`compress.cli.help_cache` when the sources
+and plugins are unchanged since the last one. A flag the user gives reaches the method as an option; a flag the chosen method has no field
 for is an error naming both.
 """
 
@@ -25,8 +26,8 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _option_for(field: dataclasses.Field, hint, owners: list[str], all_methods: int) -> click.Option:
-    """One click option for a Config field (default None: the method's own default applies)."""
+def _option_for(field: dataclasses.Field, hint, owners: list[str], all_methods: int) -> dict:
+    """The spec (JSON) of one click option for a Config field (default None: the method's default applies)."""
     help_text = field.metadata.get("help", "")
     default = field.default if field.default is not dataclasses.MISSING else (
         field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
@@ -37,17 +38,26 @@ def _option_for(field: dataclasses.Field, hint, owners: list[str], all_methods: 
     if origin in (typing.Union, __import__("types").UnionType):
         hint = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(hint), typing.get_args(hint)
-    kwargs: dict = {"default": None, "help": help_text + suffix, "expose_value": True}
+    spec: dict = {"decls": [_flag(field.name), field.name], "help": help_text + suffix, "type": None,
+                  "choices": None, "multiple": False}
     name = field.name
     if hint is bool:
-        return click.Option([f"{_flag(name)}/--no-{name.replace('_', '-')}", name], **kwargs)
-    if origin is typing.Literal:
-        return click.Option([_flag(name), name], type=click.Choice([str(a) for a in args]), **kwargs)
-    if origin in (list, tuple):
+        spec["decls"][0] = f"{_flag(name)}/--no-{name.replace('_', '-')}"
+    elif origin is typing.Literal:
+        spec["choices"] = [str(a) for a in args]
+    elif origin in (list, tuple):
         inner = args[0] if args else str
-        return click.Option([_flag(name), name], type=inner if inner in (int, float) else str, multiple=True,
-                            **{**kwargs, "default": ()})
-    return click.Option([_flag(name), name], type=hint if hint in (int, float, str) else str, **kwargs)
+        spec.update(type=inner.__name__ if inner in (int, float) else "str", multiple=True)
+    else:
+        spec["type"] = hint.__name__ if hint in (int, float, str) else "str"
+    return spec
+
+
+def _build_option(spec: dict) -> click.Option:
+    kind = click.Choice(spec["choices"]) if spec["choices"] else {"int": int, "float": float, "str": str}.get(
+        spec["type"])
+    return click.Option(spec["decls"], type=kind, multiple=spec["multiple"], default=() if spec["multiple"] else None,
+                        help=spec["help"], expose_value=True)
 
 
 def method_fields(verb: str) -> dict[str, tuple[dataclasses.Field, typing.Any, list[str]]]:
@@ -72,24 +82,40 @@ class MethodCommand(click.Command):
         super().__init__(*args, **kwargs)
         self.verb = verb
         self._generated: set[str] | None = None
+        self._help_only = False
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # a help page may take the flags from the help cache instead of importing every method
+        self._help_only = any(arg in ctx.help_option_names for arg in args)
+        return super().parse_args(ctx, args)
+
+    def generated_specs(self, taken: set[str]) -> dict:
+        """The --method help text and the specs of the flags the verb's methods add (from the registry)."""
+        from compress.plugin import available_methods
+
+        count = len(available_methods(self.verb))
+        specs = [_option_for(field, hint, owners, count) for name, (field, hint, owners)
+                 in method_fields(self.verb).items() if name not in taken]  # else the verb declares it itself
+        return {"method_help": method_choices_help(self.verb, ""), "specs": specs}
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         if self._generated is None:
-            from compress.plugin import available_methods
-
             flags = [n for p in self.params for n in (*getattr(p, "opts", []), *getattr(p, "secondary_opts", []))]
             taken = {p.name for p in self.params} | {n.lstrip("-").replace("-", "_") for n in flags}
             taken |= {n[len("--no-"):].replace("-", "_") for n in flags if n.startswith("--no-")}  # --no-X covers X
-            count = len(available_methods(self.verb))
+            if self._help_only:
+                from compress.cli.help_cache import cached
+
+                generated = cached(f"verb:{self.verb}:{','.join(sorted(taken))}", lambda: self.generated_specs(taken))
+            else:
+                generated = self.generated_specs(taken)
             for param in self.params:  # --method lists what is registered for this verb
                 if "--method" in getattr(param, "opts", []) and param.help:
-                    param.help = method_choices_help(self.verb, param.help)
+                    param.help = f"{param.help}{generated['method_help']}"
             self._generated = set()
-            for name, (field, hint, owners) in method_fields(self.verb).items():
-                if name in taken:
-                    continue  # the verb declares this one itself (e.g. --ratio, --bits)
-                self.params.append(_option_for(field, hint, owners, count))
-                self._generated.add(name)
+            for spec in generated["specs"]:
+                self.params.append(_build_option(spec))
+                self._generated.add(spec["decls"][1])
         return super().get_params(ctx)
 
     def invoke(self, ctx: click.Context):

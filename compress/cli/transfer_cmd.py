@@ -27,13 +27,22 @@ class FieldOption(click.Option):
         self.field, self._loaded, self._own_default = field, False, "default" in kwargs
         super().__init__(*args, **kwargs)
 
-    def _load(self) -> None:
+    def _load(self, help_page: bool = False) -> None:
         if not self._loaded:
-            from compress.methods.transfer import options
+            def read():
+                from compress.methods.transfer import options
 
+                return [options.default(self.field), options.help_text(self.field)]
+
+            if help_page:  # a help page may read them from the help cache, without importing torch
+                from compress.cli.help_cache import cached
+
+                default, help_text = cached(f"transfer:{self.field}", read)
+            else:
+                default, help_text = read()
             if not self._own_default:
-                self.default = options.default(self.field)
-            self.help = self.help or options.help_text(self.field)
+                self.default = default
+            self.help = self.help or help_text
             self._loaded = True
 
     def get_default(self, ctx, call=True):
@@ -41,7 +50,7 @@ class FieldOption(click.Option):
         return super().get_default(ctx, call)
 
     def get_help_record(self, ctx):
-        self._load()
+        self._load(help_page=True)
         return super().get_help_record(ctx)
 
 

@@ -11,3 +11,6 @@ from compress.exporters.base import (  # noqa: F401
     AUTO, ENTRY_POINT_GROUP, KINDS, Exporter, choose_format, described, detect_format, exporter_names, get_exporter,
     register_exporter,
 )
+from compress.exporters.base import BUILTIN_MODULES as _BUILTIN
+
+_BUILTIN.append("compress.exporters.hybrid")  # Zebra-Llama hybrids (compress.hybrid), loaded with the others

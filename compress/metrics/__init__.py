@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import numbers
 import os
+import time
 
 import torch
 
 from compress.errors import CompressError
 from compress.metrics.cost import measure_cost as _measure_cost
 from compress.metrics.fidelity import fidelity as _fidelity
+from compress.metrics.fidelity import perplexity_and_fidelity as _perplexity_and_fidelity
 from compress.metrics.perplexity import perplexity as _perplexity
 from compress.metrics.perplexity import window_starts as _window_starts
 
@@ -41,12 +43,14 @@ def evaluate(model, data: str | os.PathLike = "wikitext2", seqlen: int = 2048, w
     where it is; ``cpu``/``cuda`` load a spec there or move an in-memory model there (in place).
     ``tokenizer``: overrides the LoadedModel's tokenizer.
 
-    Returns ``perplexity``, ``seqlen``, ``stride``, ``windows``, ``tokens``, ``seconds``, ``model``
+    Returns ``perplexity``, ``seqlen``, ``stride``, ``windows``, ``tokens``, ``seconds`` (wall time of
+    the whole call: loading, scoring, fidelity and cost), ``model``
     (the spec, a LoadedModel's ``source``, or a module's ``config._name_or_path`` / class name) and
     ``data`` (``str(data)``), plus the keys above. Bad values, missing files, a text too short for
     the windows asked for and a missing tokenizer raise :class:`compress.errors.CompressError`, all
     before the model is run.
     """
+    started = time.perf_counter()
     from compress.data import evaluation_stream
     from compress.models import LoadedModel, load_model
     from compress.walk import resolve_device
@@ -77,15 +81,21 @@ def evaluate(model, data: str | os.PathLike = "wikitext2", seqlen: int = 2048, w
     stream = evaluation_stream(tok, data)
     _window_starts(stream.numel(), seqlen, stride or seqlen, windows)  # validate before the long work
     ref = _reference_module(reference, dev, load_model, LoadedModel)
-    result = _perplexity(module, stream, seqlen, stride, windows, batch_size).as_dict()
-    result.update(model=name, data=str(data))
-    if ref is not None:
-        result.update(_fidelity(module, ref, stream, seqlen, windows, batch_size).as_dict())
+    if ref is not None and stride in (None, seqlen):  # one pass of both models over each window
+        ppl, fid = _perplexity_and_fidelity(module, ref, stream, seqlen, windows, batch_size)
+        result = {**ppl.as_dict(), "model": name, "data": str(data), **fid.as_dict()}
+    else:
+        result = _perplexity(module, stream, seqlen, stride, windows, batch_size).as_dict()
+        result.update(model=name, data=str(data))
+        if ref is not None:
+            result.update(_fidelity(module, ref, stream, seqlen, windows, batch_size).as_dict())
+    del ref
     if cost:
         measured = _measure_cost(module, folder).as_dict()
         if folder is None:
             del measured["bytes_on_disk"]  # a bare module has no files
         result.update(measured)
+    result["seconds"] = time.perf_counter() - started  # the whole evaluation: loading, scoring, cost
     return result
 
 

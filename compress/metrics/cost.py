@@ -17,9 +17,14 @@ class CostResult:
     kv_cache_bytes_per_token: int
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
+    kv_cache_fraction: float | None = None  # hybrids only: KV bytes per token ÷ the parent's
+    ssm_state_bytes: int | None = None  # hybrids only: Mamba2 states per sequence (constant in the length)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in HYBRID_KEYS}
+
+
+HYBRID_KEYS = ("kv_cache_fraction", "ssm_state_bytes")
 
 
 # the tensors of a compressed-tensors quantized Linear: its weights are ``weight_shape`` many values
@@ -60,14 +65,39 @@ def bytes_on_disk(folder: str | Path | None) -> int:
 
 
 def kv_cache_bytes_per_token(model: torch.nn.Module, dtype_bytes: int | None = None) -> int:
-    """K and V of every layer for one token: Σ_layers 2 · kv_heads · head_dim · bytes."""
+    """K and V of every layer for one token: Σ_layers 2 · kv_heads · head_dim · bytes. A hybrid's mixer
+    that says what it caches (``kv_values_per_token``: r_kv + d_rope for MLA, 0 for Mamba2) counts that."""
     if dtype_bytes is None:
         dtype_bytes = next(model.parameters()).element_size()
     total = 0
     for layer in model.model.layers:
         attn = layer.self_attn
+        if hasattr(attn, "kv_values_per_token"):
+            total += attn.kv_values_per_token() * dtype_bytes
+            continue
         total += 2 * attn.k_proj.out_features * dtype_bytes  # k_proj rows = kv_heads · head_dim
     return total
+
+
+def is_hybrid(model: torch.nn.Module) -> bool:
+    """Whether some decoder layer's mixer is not attention (it then says what it caches)."""
+    return any(hasattr(layer.self_attn, "kv_values_per_token") for layer in model.model.layers)
+
+
+def kv_cache_fraction(model: torch.nn.Module) -> float:
+    """KV-cache bytes per token ÷ the parent's (every layer attention with the config's KV heads and
+    head_dim): for an MLA/Mamba2 hybrid n_MLA · (r_kv + d_rope) / (L · kv_heads · head_dim · 2)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    parent = len(model.model.layers) * 2 * config.num_key_value_heads * head_dim
+    return kv_cache_bytes_per_token(model, dtype_bytes=1) / parent
+
+
+def ssm_state_bytes(model: torch.nn.Module, batch: int = 1) -> int:
+    """Bytes of the recurrent (Mamba2) states of ``batch`` sequences: conv inputs and SSM states."""
+    size = next(model.parameters()).element_size()
+    return sum(layer.self_attn.state_bytes(batch, size) for layer in model.model.layers
+               if hasattr(layer.self_attn, "state_bytes"))
 
 
 @torch.no_grad()
@@ -106,4 +136,6 @@ def measure_cost(model: torch.nn.Module, folder: str | Path | None = None, prefi
     return CostResult(parameters=count_parameters(model), parameter_bytes=parameter_bytes(model),
                       bytes_on_disk=bytes_on_disk(folder),
                       kv_cache_bytes_per_token=kv_cache_bytes_per_token(model),
-                      prefill_tokens_per_s=prefill, decode_tokens_per_s=decode)
+                      prefill_tokens_per_s=prefill, decode_tokens_per_s=decode,
+                      kv_cache_fraction=kv_cache_fraction(model) if is_hybrid(model) else None,
+                      ssm_state_bytes=ssm_state_bytes(model) if is_hybrid(model) else None)

@@ -14,9 +14,9 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from compress.errors import CompressError
+from compress.metrics.logits import window_stats
 from compress.progress import bar
 
 
@@ -52,25 +52,35 @@ def window_starts(total: int, seqlen: int, stride: int, windows: int | None) -> 
 
 @torch.no_grad()
 def window_losses(model, stream: torch.Tensor, seqlen: int, stride: int | None = None, windows: int | None = None,
-                  batch_size: int = 1, device: str | torch.device | None = None) -> tuple[torch.Tensor, int]:
+                  batch_size: int = 1) -> tuple[torch.Tensor, int]:
     """Mean next-token loss of every window (float64 tensor) and the number of tokens scored."""
     stride = stride or seqlen
     starts = window_starts(stream.numel(), seqlen, stride, windows)
-    device = device or next(model.parameters()).device
     losses, scored = [], 0
     progress = bar(f"perplexity @ {seqlen}", total=len(starts), unit="win")
     for b in range(0, len(starts), batch_size):
         chunk = starts[b:b + batch_size]
-        ids = torch.stack([stream[s:s + seqlen] for s in chunk]).to(device)  # (b, L)
-        logits = model(input_ids=ids, use_cache=False).logits.float()  # (b, L, V)
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (b, L-1)
+        ids = torch.stack([stream[s:s + seqlen] for s in chunk])  # (b, L)
+        nll = window_nll(model, ids)  # (b, L-1) float64
         for row, start in enumerate(chunk):
             keep = nll[row] if (start == 0 or stride == seqlen) else nll[row, -stride:]
-            losses.append(keep.double().mean().cpu())
+            losses.append(keep.mean())
             scored += keep.numel()
         progress.update(len(chunk))
     progress.close()
     return torch.stack(losses), scored
+
+
+def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
+    """(b, L): the next token at each position (0 at the last, which has none and is not scored)."""
+    return torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
+
+
+def window_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token losses (b, L-1) of windows ``ids`` (b, L) in float64, from logits streamed over the
+    vocabulary (:mod:`compress.metrics.logits`)."""
+    stats = window_stats(model, ids, targets=next_token_targets(ids))
+    return (stats.logsumexp - stats.target_logit).view(ids.shape)[:, :-1]
 
 
 def perplexity(model, stream: torch.Tensor, seqlen: int, stride: int | None = None, windows: int | None = None,

@@ -142,7 +142,7 @@ def test_compressed_tensors_of_a_pruned_dropped_model_reloads(tmp_path, sym):
     expected = logits(model)
     out = get_exporter("compressed-tensors").save(model, None, tmp_path / "ct", {"test": True})
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "compress_llama" and config["layer_intermediate_size"] == [96, 64, 96]
+    assert config["model_type"] == "llama" and config["layer_intermediate_size"] == [96, 64, 96]
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     assert (out / "modeling_compress_llama.py").is_file()
     assert model.config.model_type == "llama"  # swapped back after the save

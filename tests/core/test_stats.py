@@ -37,3 +37,18 @@ def test_norm_only_accumulator_keeps_no_gram():
 def test_width_mismatch_is_an_error():
     with pytest.raises(ValueError, match="width"):
         HessianAccumulator(8).add_batch(torch.randn(4, 9))
+
+
+@pytest.mark.parametrize("gram", [True, False])
+def test_mean_variance_and_centred_hessian_match_float64(gram):
+    x = torch.randn(3, 50, 8, generator=torch.Generator().manual_seed(0)) * 3 + 5  # far from zero mean
+    acc = HessianAccumulator(8, gram=gram)
+    for batch in x:
+        acc.add_batch(batch)
+    flat = x.reshape(-1, 8).double()
+    torch.testing.assert_close(acc.mean(), flat.mean(0), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(acc.variance(), flat.var(0, unbiased=False), rtol=1e-4, atol=1e-6)
+    if gram:
+        centred = flat - flat.mean(0)
+        torch.testing.assert_close(acc.centered_hessian().double(), 2 * centred.T @ centred / flat.shape[0],
+                                   rtol=1e-4, atol=1e-4)

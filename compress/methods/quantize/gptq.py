@@ -30,13 +30,17 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, retries: int) -> 
     Returns the factor and the relative dampening that worked.
     """
     mean_diag = hessian.diagonal().mean()
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     for attempt in range(retries + 1):
         rel = damp * 10.0 ** attempt
-        factor, info = torch.linalg.cholesky_ex(hessian + rel * mean_diag * eye)
+        damped = hessian.clone()  # H + λI without an identity matrix: at most two n×n work matrices alive
+        damped.diagonal().add_(rel * mean_diag)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info.item() == 0:
             inverse = torch.cholesky_inverse(factor)
+            del factor
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info.item() == 0 and torch.isfinite(upper).all():
                 if attempt:
                     log.info("Cholesky succeeded at dampening %.3g after %d retries", rel, attempt)

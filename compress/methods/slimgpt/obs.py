@@ -46,7 +46,7 @@ def damped_inverse_hessian(hessian: torch.Tensor, weight: torch.Tensor, damping:
 
     Returns (H⁻¹, W) in ``dtype``; ``W`` is a copy with dead columns zeroed (they carry no signal).
     """
-    H = hessian.to(dtype).clone()
+    H = hessian.to(dtype, copy=True)
     W = weight.detach().to(dtype).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -54,6 +54,7 @@ def damped_inverse_hessian(hessian: torch.Tensor, weight: torch.Tensor, damping:
     diag = torch.arange(H.shape[0], device=H.device)
     H[diag, diag] += damping * torch.mean(torch.diag(H))
     L = torch.linalg.cholesky(H)
+    del H  # freed before H⁻¹ is made: two n×n float64 matrices at a time, not three
     return torch.cholesky_inverse(L), W
 
 
@@ -76,8 +77,8 @@ def _remove_block(W: torch.Tensor, Hinv: torch.Tensor, alive: torch.Tensor, cols
 
 
 def _shrink(Hinv: torch.Tensor, alive: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    keep = ~torch.isin(alive, cols)
-    return Hinv[keep][:, keep].contiguous(), alive[keep]
+    keep = (~torch.isin(alive, cols)).nonzero().squeeze(1)
+    return Hinv[keep[:, None], keep], alive[keep]  # one gather: no (kept × alive) intermediate
 
 
 def head_errors(W: torch.Tensor, Hinv: torch.Tensor, alive: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:

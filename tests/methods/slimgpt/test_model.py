@@ -98,7 +98,7 @@ def test_non_uniform_output_reloads_through_the_package_and_remote_code(tmp_path
     expected_gen = model.generate(PROMPT, max_new_tokens=6, do_sample=False, use_cache=True)
     out = compress.save(model, tmp_path / "log", record={"test": True})
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "compress_llama" and config["auto_map"]
+    assert config["model_type"] == "llama" and config["auto_map"]
     assert len(set(config["layer_num_attention_heads"])) > 1 or len(set(config["layer_intermediate_size"])) > 1
 
     loaded = load_model(out, tokenizer=False).model  # no remote code: the package registers the classes
