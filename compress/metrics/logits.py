@@ -52,6 +52,10 @@ def _plain_head(model) -> tuple[nn.Module, nn.Linear] | None:
     config = getattr(model, "config", None)
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _TRANSFORMS):
         return None
+    # a quantized checkpoint (compressed-tensors) or hooks on the top module may do work in the
+    # model's own forward that the decoder alone would skip: run the model as it is
+    if getattr(config, "quantization_config", None) is not None or model._forward_pre_hooks or model._forward_hooks:
+        return None
     decoder, head = get_decoder(), get_head()
     if decoder is None or decoder is model or type(head) is not nn.Linear:
         return None

@@ -46,7 +46,7 @@ def test_api_errors_name_the_problem(tiny_model_folder):
 def test_prune_help_lists_every_slimgpt_config_field():
     result = CliRunner().invoke(main, ["prune", "--help"])
     assert result.exit_code == 0, result.output
-    assert "One of: slimgpt" in " ".join(result.output.split())  # --method lists the registered choices
+    assert "One of: flap, shortgpt, slimgpt" in " ".join(result.output.split())  # --method lists the choices
     for field in dataclasses.fields(SlimGPTConfig):
         assert "--" + field.name.replace("_", "-") in result.output, field.name
 

@@ -40,7 +40,7 @@ def test_builtin_exporters_and_unknown_name():
     assert {"safetensors", "compressed-tensors", "gptq", "peft"} <= set(exporter_names())
     assert get_exporter("gptq").kind == "quantized" and get_exporter("peft").kind == "adapter"
     with pytest.raises(CompressError, match=r"unknown export format 'onnx' \(available: auto, compressed-tensors, "
-                                            r"gptq, peft, safetensors"):
+                                            r"gptq, hybrid, peft, safetensors"):
         get_exporter("onnx")
     with pytest.raises(CompressError, match="unknown export format 'onnx'"):
         choose_format("onnx", make_tiny_llama(), [])
