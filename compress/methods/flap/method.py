@@ -137,7 +137,7 @@ class FLAP(LayerMethod):
     def finish(self, model: torch.nn.Module) -> None:
         lay = arch.layout(model)
         layers = arch.decoder_layers(model)
-        units, members = [], {}
+        units, members, orders = [], {}, {}
         self._before = [lay.parameters(i) for i in range(lay.depth)]
         for index, widths in enumerate(lay.layers):
             got = self.scores.get(index)
@@ -147,14 +147,15 @@ class FLAP(LayerMethod):
                 z, heads = attention_units(standardize(got["attention"]), widths.kv_heads, self.config.gqa_unit)
                 members[index] = heads
                 units.append(UnitScores(index, "attention", z, self._unit_cost(lay, widths)))
-            z = standardize(got["mlp"])
-            units.append(UnitScores(index, "mlp", torch.sort(z).values, 3 * lay.hidden))
+            ranked = torch.sort(standardize(got["mlp"]), stable=True)  # channels, lowest score first
+            orders[index] = ranked.indices
+            units.append(UnitScores(index, "mlp", ranked.values, 3 * lay.hidden))
         if self.config.structure == "uniform":
             self.removed = self._uniform(lay)
         else:
             self.removed = allocate(units, self.config.ratio * lay.parameters())
         for index, layer in enumerate(layers):
-            self._prune_layer(layer, index, lay, members.get(index))
+            self._prune_layer(layer, index, lay, members.get(index), orders[index])
         log.info("flap: removed %s", {f"{k[0]}.{k[1]}": v for k, v in sorted(self.removed.items())})
 
     def _uniform(self, lay) -> dict[tuple[int, str], int]:
@@ -173,7 +174,7 @@ class FLAP(LayerMethod):
     def _kv_unit(self, widths) -> bool:
         return self.config.gqa_unit == "kv" or widths.groups == 1
 
-    def _prune_layer(self, layer, index: int, lay, members) -> None:
+    def _prune_layer(self, layer, index: int, lay, members, order: torch.Tensor) -> None:
         got, d = self.scores[index], lay.head_dim
         widths = lay.layers[index]
         o_proj, down = arch.projection(layer, arch.O), arch.projection(layer, arch.DOWN)
@@ -189,7 +190,6 @@ class FLAP(LayerMethod):
             shrink_attention(layer.self_attn, o_proj.weight.detach(), kept, kept_kv, d)
             if self.config.bias:
                 add_bias(arch.projection(layer, arch.O), bias)
-        order = torch.sort(standardize(got["mlp"]), stable=True).indices
         gone = order[:self.removed[(index, "mlp")]]
         bias = self._bias(down.weight, got["mlp.mean"], gone)
         kept = sorted(set(range(widths.ffn)) - set(gone.tolist()))

@@ -112,8 +112,9 @@ class ShortGPT(LayerMethod):
         missing = [i for i in range(lay.depth) if i not in self.influence]
         if missing:
             raise CompressError(f"shortgpt: no block influence for layer {missing[0]} (was the walk interrupted?)")
-        self.dropped = [lay.kept_layers[i] for i in self.choose(lay)]
-        arch.drop_layers(model, self.choose(lay))
+        chosen = self.choose(lay)
+        self.dropped = [lay.kept_layers[i] for i in chosen]
+        arch.drop_layers(model, chosen)
         log.info("shortgpt: removed layers %s", self.dropped)
 
     def summary(self) -> dict:

@@ -69,10 +69,8 @@ def _kept_columns(dense_layer, pruned_layer, kind):
     """Which input columns of o_proj / down_proj survived (matched by the unchanged q / gate rows)."""
     name, rows = (arch.O, arch.Q) if kind == "attention" else (arch.DOWN, arch.GATE)
     old, new = arch.projection(dense_layer, rows).weight, arch.projection(pruned_layer, rows).weight
-    index = [int((old - r).abs().sum(1).argmin()) for r in new]
-    if kind == "attention":  # whole heads: q rows → o columns are the same indices
-        return torch.tensor(index)
-    return torch.tensor(index)
+    # q rows ↔ o columns and gate rows ↔ down columns share their indices
+    return torch.tensor([int((old - r).abs().sum(1).argmin()) for r in new])
 
 
 def test_flap_global_threshold_meets_the_ratio_and_reloads(tmp_path):
