@@ -111,8 +111,8 @@ class LayerWidths(NamedTuple):
 
     @property
     def groups(self) -> int:
-        """Query heads per KV head."""
-        return self.heads // self.kv_heads
+        """Query heads per KV head (0 for a layer without attention)."""
+        return self.heads // self.kv_heads if self.kv_heads else 0
 
 
 @dataclass
@@ -177,7 +177,7 @@ def check_llama_like(model: nn.Module) -> None:
     if model_type not in LLAMA_LIKE or layers is None:
         raise CompressError(f"model type '{model_type}' is not LLaMA-like "
                             f"(supported: {', '.join(sorted(LLAMA_LIKE - {'compress_llama'}))})")
-    present = {name for name, _ in layers[0].named_modules()}
+    present = {name for layer in layers for name, _ in layer.named_modules()}  # a searched layer may lack some
     missing = [n for n in PROJECTIONS if n not in present]
     if missing:
         raise CompressError(f"model type '{model_type}' lacks the LLaMA layer modules {', '.join(missing)}")
@@ -188,10 +188,25 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def has_attention(layer: nn.Module) -> bool:
+    """False for a layer whose attention was removed entirely (0 heads: ``NoAttention``)."""
+    return hasattr(getattr(layer, ATTENTION, None), "q_proj")
+
+
+def has_mlp(layer: nn.Module) -> bool:
+    """False for a layer whose MLP was removed entirely (0 FFN channels: ``NoMLP``)."""
+    return hasattr(getattr(layer, MLP, None), "down_proj")
+
+
 def layer_widths(layer: nn.Module, head_dim: int) -> LayerWidths:
-    """The widths of a decoder layer as its modules are now."""
-    q, k, down = (projection(layer, n) for n in (Q, K, DOWN))
-    return LayerWidths(q.out_features // head_dim, k.out_features // head_dim, down.in_features)
+    """The widths of a decoder layer as its modules are now (0 heads / 0 channels where a searched
+    sub-network has no attention / no MLP in this layer)."""
+    heads = kv = ffn = 0
+    if has_attention(layer):
+        heads, kv = projection(layer, Q).out_features // head_dim, projection(layer, K).out_features // head_dim
+    if has_mlp(layer):
+        ffn = projection(layer, DOWN).in_features
+    return LayerWidths(heads, kv, ffn)
 
 
 def layout(model: nn.Module) -> Layout:
@@ -253,9 +268,9 @@ def output_biases(model: nn.Module, config=None) -> tuple[bool, bool]:
     config = config if config is not None else model.config
     layers = decoder_layers(model)
     o_bias = not getattr(config, "attention_bias", False) and any(
-        projection(layer, O).bias is not None for layer in layers)
+        projection(layer, O).bias is not None for layer in layers if has_attention(layer))
     down_bias = not getattr(config, "mlp_bias", False) and any(
-        projection(layer, DOWN).bias is not None for layer in layers)
+        projection(layer, DOWN).bias is not None for layer in layers if has_mlp(layer))
     return o_bias, down_bias
 
 

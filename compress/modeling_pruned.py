@@ -59,8 +59,11 @@ class CompressLlamaConfig(LlamaConfig):
                     max(parents, default=0) >= limit:
                 raise ValueError(f"layer_parent_index {parents} must increase within 0..{limit - 1}")
         for q, kv in zip(self.heads(), self.kv_heads()):
-            if q <= 0 or kv <= 0 or q % kv:
-                raise ValueError(f"a layer has {q} query heads and {kv} KV heads; need a positive multiple")
+            if (q, kv) != (0, 0) and (q <= 0 or kv <= 0 or q % kv):
+                raise ValueError(f"a layer has {q} query heads and {kv} KV heads; need a positive multiple "
+                                 "(or 0 and 0: a layer without attention)")
+        if any(f < 0 for f in self.ffn()):
+            raise ValueError(f"layer_intermediate_size {self.ffn()} has a negative width")
 
     def to_dict(self) -> dict:
         # config.json names the stock type: AutoConfig and AutoTokenizer read the folder without remote
@@ -91,17 +94,60 @@ def _resized(linear: nn.Linear, in_features: int, out_features: int, bias: bool 
     return nn.Linear(in_features, out_features, bias=bias, device=linear.weight.device, dtype=linear.weight.dtype)
 
 
+class NoAttention(nn.Module):
+    """The attention of a layer that has none (0 heads: a searched sub-network): it adds nothing to the
+    residual stream. With a KV cache it stores an empty (b, 0, L, d) key and value, so the cache still
+    counts the sequence's length at this layer and holds no bytes."""
+
+    def __init__(self, head_dim: int, layer_idx: int | None = None):
+        super().__init__()
+        self.head_dim, self.layer_idx = head_dim, layer_idx
+        self.num_key_value_groups = 1
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None,
+                **kwargs):
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        if cache is not None:
+            b, length = hidden_states.shape[:2]
+            empty = hidden_states.new_zeros(b, 0, length, self.head_dim)
+            cache.update(empty, empty, self.layer_idx, kwargs=kwargs)
+        return torch.zeros_like(hidden_states), None
+
+
+class NoMLP(nn.Module):
+    """The MLP of a layer that has none (0 FFN channels): it adds nothing to the residual stream."""
+
+    intermediate_size = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
 def resize_layer(layer: nn.Module, heads: int, kv_heads: int, ffn: int, head_dim: int,
                  o_bias: bool = False, down_bias: bool = False) -> None:
     """Give one LlamaDecoderLayer ``heads`` query heads, ``kv_heads`` KV heads and ``ffn`` channels
-    (and a bias on o_proj / down_proj when asked)."""
-    attn, mlp = layer.self_attn, layer.mlp
+    (and a bias on o_proj / down_proj when asked); 0 heads or 0 channels leave no attention / no MLP."""
+    if heads == 0:
+        layer.self_attn = NoAttention(head_dim, getattr(layer.self_attn, "layer_idx", None))
+    if ffn == 0:
+        layer.mlp = NoMLP()
+    if heads:
+        _resize_attention(layer.self_attn, heads, kv_heads, head_dim, o_bias)
+    if ffn:
+        _resize_mlp(layer.mlp, ffn, down_bias)
+
+
+def _resize_attention(attn: nn.Module, heads: int, kv_heads: int, head_dim: int, o_bias: bool) -> None:
     hidden = attn.q_proj.in_features
     attn.q_proj = _resized(attn.q_proj, hidden, heads * head_dim)
     attn.k_proj = _resized(attn.k_proj, hidden, kv_heads * head_dim)
     attn.v_proj = _resized(attn.v_proj, hidden, kv_heads * head_dim)
     attn.o_proj = _resized(attn.o_proj, heads * head_dim, hidden, o_bias)
     attn.num_key_value_groups = heads // kv_heads  # used by repeat_kv / GQA in every attention back-end
+
+
+def _resize_mlp(mlp: nn.Module, ffn: int, down_bias: bool) -> None:
+    hidden = mlp.gate_proj.in_features
     mlp.gate_proj = _resized(mlp.gate_proj, hidden, ffn)
     mlp.up_proj = _resized(mlp.up_proj, hidden, ffn)
     mlp.down_proj = _resized(mlp.down_proj, ffn, hidden, down_bias)
@@ -144,8 +190,12 @@ def per_layer_config(base: LlamaConfig, heads: list[int], kv_heads: list[int], f
     if parent_index is not None:
         values.update(layer_parent_index=list(parent_index), parent_num_hidden_layers=parent_depth)
     uniform = len(set(heads)) == 1 and len(set(kv_heads)) == 1 and len(set(ffn)) == 1
-    values.update(num_attention_heads=heads[0], num_key_value_heads=kv_heads[0], intermediate_size=ffn[0])
-    if uniform and not (o_bias or down_bias) and values["hidden_size"] % heads[0] == 0:
+    # the base fields: the first layer with attention / an MLP (a layer may have none: 0 heads, 0 channels)
+    base_heads = next(((q, kv) for q, kv in zip(heads, kv_heads) if q), (base.num_attention_heads,
+                                                                        base.num_key_value_heads))
+    values.update(num_attention_heads=base_heads[0], num_key_value_heads=base_heads[1],
+                  intermediate_size=next((f for f in ffn if f), base.intermediate_size))
+    if uniform and heads[0] and ffn[0] and not (o_bias or down_bias) and values["hidden_size"] % heads[0] == 0:
         config = LlamaConfig(**values)
         config.architectures = ["LlamaForCausalLM"]
         return config

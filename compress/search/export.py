@@ -1,0 +1,200 @@
+"""``compress search export``: the chosen sub-network as a model that loads.
+
+The parent is loaded again (the run records what was named and a fingerprint of it, checked), reordered
+with the run's importance orders (and given the super-network's trained layers when there are), then:
+
+* by default the kept prefixes become real tensors (:func:`compress.search.subnet.materialize`);
+* with ``compensate="slimgpt"`` the dropped layers and the removed attentions / MLPs go first, then a
+  SlimGPT walk prunes every layer to exactly the searched widths, choosing the heads and channels by OBS
+  and updating the kept o_proj / down_proj columns (search, then compensate);
+* with ``distill`` steps the result is trained by knowledge distillation from the parent (KL over the
+  full vocabulary, the shared training loop) on calibration text other than the search's.
+
+The output is written by the plain safetensors exporter: a ``compress_llama`` config with per-layer
+widths and provenance, reloaded by :func:`compress.load` and ``from_pretrained(trust_remote_code=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from compress.errors import CompressError
+from compress.methods.slimgpt.method import SlimGPT
+from compress.search.run import FRONT_FILE, PROFILE_FILE, SEARCH_FILE, SUPERNET_FILE, model_fingerprint
+from compress.search.space import Option, SearchSpace
+
+log = logging.getLogger(__name__)
+COMPENSATE = ("none", "slimgpt")
+
+
+def read_run(run: str | Path) -> tuple[dict, list[dict], dict]:
+    run = Path(run)
+    paths = [run / SEARCH_FILE, run / FRONT_FILE, run / PROFILE_FILE]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise CompressError(f"{run} is not a finished search folder (no {', '.join(missing)}); "
+                            "run compress search first, or --resume it")
+    try:
+        return tuple(json.loads(p.read_text()) for p in paths)  # type: ignore[return-value]
+    except ValueError as exc:
+        raise CompressError(f"{run}: a search file is not valid JSON ({exc})") from None
+
+
+def choose(front: list[dict], objectives: list[str], pick: int | None, budget: float | None) -> dict:
+    """The front member ``pick`` (its index in front.json), or the best quality within ``budget``."""
+    if (pick is None) == (budget is None):
+        raise CompressError("give exactly one of --pick K or --budget B")
+    if pick is not None:
+        if not 0 <= pick < len(front):
+            raise CompressError(f"--pick {pick} is not on the front (0..{len(front) - 1}; see front.json)")
+        return front[pick]
+    cost = objectives[1]
+    within = [r for r in front if r[cost] <= budget + 1e-12]
+    if not within:
+        raise CompressError(f"no front member costs at most {budget} of the parent's {cost} "
+                            f"(the cheapest costs {min(r[cost] for r in front):.3f})")
+    return min(within, key=lambda r: r[objectives[0]])
+
+
+def export_subnet(run: str | Path, out: str | Path, *, pick: int | None = None, budget: float | None = None,
+                  compensate: str = "none", distill: int = 0, distill_lr: float = 1e-4, distill_batch: int = 4,
+                  model: str | None = None, device: str = "auto", force: bool = False) -> Path:
+    from compress.export import check_output_path, release_output
+    from compress.models import load_model, resolve_model_path
+
+    if compensate not in COMPENSATE:
+        raise CompressError(f"unknown --compensate '{compensate}' (choose {' or '.join(COMPENSATE)})")
+    if distill < 0:
+        raise CompressError(f"--distill must be ≥ 0 steps, got {distill}")
+    search, front, profile = read_run(run)
+    member = choose(front, search["objectives"], pick, budget)
+    spec = model or search["model"]
+    source = resolve_model_path(spec)
+    check_output_path(out, [source, spec, run], force, claim=True, wait=False)
+    try:
+        started = time.perf_counter()
+        loaded = load_model(source)
+        if model_fingerprint(loaded.model) != search["fingerprint"]:
+            raise CompressError(f"{run} was searched on another model ({search['model']}), not {spec}")
+        space = SearchSpace(**search["space"])
+        choice = space.decode(member["genome"])
+        built, details = build(loaded, search, profile, Path(run), space, choice, compensate, device)
+        if distill:
+            details["distill"] = distill_from_parent(built, loaded, search, distill, distill_lr, distill_batch, device)
+        from compress.api import save
+
+        record = {"command": "search export", "source": spec,
+                  "search": {"run": str(Path(run).resolve()), "pick": member["pick"], "genome": member["genome"],
+                             "objectives": {k: member[k] for k in (*search["objectives"], "kl", "ppl", "params")
+                                            if k in member}},
+                  "compensate": compensate, **details,
+                  "metrics": {"seconds": round(time.perf_counter() - started, 1)}}
+        built.requires_grad_(False)
+        return save(built, out, tokenizer=loaded.tokenizer, force=force, record=record, format="safetensors")
+    finally:
+        release_output(out)
+
+
+def build(loaded, search: dict, profile: dict, run: Path, space: SearchSpace, choice: list[Option],
+          compensate: str, device: str):
+    """The sub-network as a model (the parent object, changed in place) and a record of how."""
+    from compress.search.subnet import materialize, reorder
+
+    model = loaded.model
+    reorder(model, space, {int(k): v for k, v in profile["heads"].items()},
+            {int(k): v for k, v in profile["channels"].items()})
+    if search.get("supernet") and (run / SUPERNET_FILE).is_file():
+        from safetensors.torch import load_file
+
+        missing = model.load_state_dict(load_file(run / SUPERNET_FILE), strict=False)
+        if missing.unexpected_keys:
+            raise CompressError(f"{run / SUPERNET_FILE} does not fit the model")
+    if compensate == "none":
+        return materialize(model, space, choice), {}
+    return compensate_slimgpt(model, loaded.tokenizer, search, space, choice, device)
+
+
+def compensate_slimgpt(model, tokenizer, search: dict, space: SearchSpace, choice: list[Option], device: str):
+    """Drop the layers, remove whole attentions / MLPs, then SlimGPT to exactly the searched widths."""
+    from compress.data import calibration_tokens
+    from compress.search.subnet import materialize
+    from compress.walk import walk
+
+    structural = [Option(o.a and space.attention_units, o.f and space.ffn_options) for o in choice]
+    materialize(model, space, structural)  # depth, no-attention and no-MLP layers; widths still full
+    kept = [o for o in choice if o != (0, 0)]
+    method = FixedWidthSlimGPT([space.widths(o) for o in kept], space.unit)
+    method.prepare(model)
+    c = search["calibration"]
+    tokens = calibration_tokens(model, tokenizer, c["data"], c["samples"], c["seqlen"], c["seed"])
+    start = time.perf_counter()
+    walk(model, tokens, [method], device=device, batch_size=search["config"]["batch_size"], staged=False)
+    return model, {"compensate_seconds": round(time.perf_counter() - start, 1)}
+
+
+class FixedWidthSlimGPT(SlimGPT):
+    """SlimGPT with every layer's target widths given (heads, kv_heads, ffn) instead of a schedule."""
+
+    stageable = False  # layers without attention / MLP: every group re-runs its layer
+
+    def __init__(self, widths: list[tuple[int, int, int]], unit: str):
+        from compress.methods.slimgpt.config import SlimGPTConfig
+
+        super().__init__(SlimGPTConfig(gqa_unit=unit))
+        self.targets = widths
+
+    def prepare(self, model):
+        from compress.methods.slimgpt.method import model_shapes
+        from compress.methods.slimgpt.plan import LayerPlan
+
+        self.shapes = model_shapes(model)
+        if len(self.shapes) != len(self.targets):
+            raise CompressError(f"{len(self.targets)} target widths for {len(self.shapes)} layers")  # a bug
+        plans = []
+        for shape, (heads, kv, ffn) in zip(self.shapes, self.targets):
+            if shape.heads == 0:  # no attention in this layer (removed before the walk)
+                units, heads_removed, kv_removed, unit = 0, 0, 0, self.config.gqa_unit
+            elif shape.heads // shape.kv_heads == 1 or self.config.gqa_unit == "kv":
+                unit = "kv"
+                kv_removed = shape.kv_heads - kv
+                units, heads_removed = kv_removed, shape.heads - heads
+            else:
+                unit = "query"
+                units, heads_removed, kv_removed = (shape.heads - heads) // shape.kv_heads, shape.heads - heads, 0
+            channels = shape.ffn - ffn if shape.ffn else 0
+            removed = shape.cost(heads_removed, kv_removed, channels)
+            plans.append(LayerPlan(removed / max(shape.prunable, 1), unit, units, heads_removed, kv_removed, channels))
+        self.plans = plans
+        return plans
+
+
+def distill_from_parent(model, loaded, search: dict, steps: int, lr: float, batch_size: int, device: str) -> dict:
+    """Knowledge distillation from the parent (KL, full vocabulary) for ``steps`` optimizer steps."""
+    from compress.data import calibration_tokens
+    from compress.models import load_model
+    from compress.train.data import Example
+    from compress.train.loop import TrainConfig, make_accelerator, train
+    from compress.train.losses import KLDistillLoss
+
+    c = search["calibration"]
+    teacher = load_model(loaded.path or search["model"], tokenizer=False).model.eval()
+    tokens = calibration_tokens(teacher, loaded.tokenizer, c["data"], steps * batch_size, c["seqlen"], c["seed"] + 2)
+    examples = [Example(row.tolist(), row.tolist()) for row in tokens]
+    for name, p in model.named_parameters():
+        p.requires_grad_(".layers." in name)
+    config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seed=c["seed"])
+    result = train(model, examples, [], config, pad_id=0, accelerator=make_accelerator(1, device),
+                   loss=KLDistillLoss(teacher))
+    model.eval()
+    del teacher
+    return {"steps": steps, "lr": lr, "batch_size": batch_size, "tokens": steps * batch_size * c["seqlen"],
+            "first_loss": result.train_losses[0][1], "last_loss": result.final_train_loss,
+            "seconds": round(result.seconds_per_step * steps, 1)}
+
+
+__all__ = ["export_subnet", "choose", "read_run", "FixedWidthSlimGPT"]

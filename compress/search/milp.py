@@ -1,0 +1,51 @@
+"""The first search stage: one option per layer under a budget, by a mixed-integer program.
+
+With the additive proxy (every option's score from :mod:`compress.search.profile`) and an additive cost
+(parameters, KV bytes or latency per option), the best sub-network under a budget is
+
+    minimise Σ_i Σ_o s_io · x_io   subject to   Σ_o x_io = 1 (each layer one option),
+             Σ_i Σ_o c_io · x_io ≤ B,   Σ_i Σ_{o ≠ drop} x_io ≥ min_depth,   x_io ∈ {0, 1},
+
+solved exactly by ``scipy.optimize.milp`` (HiGHS branch and bound).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from compress.errors import CompressError
+from compress.search.space import Option, SearchSpace
+
+
+def solve(space: SearchSpace, scores: list[dict[Option, float]], costs: list[dict[Option, float]],
+          budget: float, min_depth: int | None = None) -> list[Option] | None:
+    """The per-layer options minimising the summed score with summed cost ≤ ``budget``; None if infeasible."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    min_depth = space.min_depth if min_depth is None else min_depth
+    options = space.options()
+    n_layers, n_opt = len(scores), len(options)
+    c = np.array([scores[i][o] for i in range(n_layers) for o in options], dtype=float)
+    cost = np.array([costs[i][o] for i in range(n_layers) for o in options], dtype=float)
+    one = np.zeros((n_layers, n_layers * n_opt))
+    for i in range(n_layers):
+        one[i, i * n_opt:(i + 1) * n_opt] = 1
+    kept = np.array([0.0 if o == (0, 0) else 1.0 for _ in range(n_layers) for o in options])
+    constraints = [LinearConstraint(one, 1, 1), LinearConstraint(cost[None], -np.inf, budget),
+                   LinearConstraint(kept[None], min_depth, np.inf)]
+    result = milp(c, constraints=constraints, integrality=np.ones_like(c), bounds=Bounds(0, 1),
+                  options={"time_limit": 60})
+    if result.x is None:
+        return None
+    x = np.round(result.x).reshape(n_layers, n_opt)
+    picks = [options[int(np.argmax(row))] for row in x]
+    if any(row.sum() != 1 for row in x):
+        raise CompressError("the mixed-integer solver returned an invalid pick")  # pragma: no cover
+    return picks
+
+
+def min_cost(space: SearchSpace, costs: list[dict[Option, float]]) -> float:
+    """The lowest total cost the space can reach: the ``min_depth`` layers whose cheapest kept option costs
+    least, every other layer dropped (a dropped layer costs nothing)."""
+    cheapest = sorted(min(v for o, v in layer.items() if o != (0, 0)) for layer in costs)
+    return float(sum(cheapest[:space.min_depth]))

@@ -1,0 +1,490 @@
+"""``compress search``: the Pareto front of sub-networks of a pretrained LLaMA (LLaMA-NAS).
+
+::
+
+    load ─► calibration tokens ─► profile walk (importance orders, per-layer option scores)
+         ─► reorder the parent (function-preserving) ─► [super-network training]
+         ─► stage 1: a mixed-integer program per budget on the additive proxy (seeds)
+         ─► stage 2: NSGA-II (pymoo) on the real whole-model objectives, seeded with the solver's picks
+         ─► search.json (every candidate), front.json (the non-dominated set), front.png, compress.json
+
+The run folder is the search's checkpoint: ``profile.json`` after the walk, ``supernet.safetensors``
+after the super-network training, ``search.json`` after each generation. ``--resume`` replays the
+genetic algorithm from its seed with the recorded evaluations (evaluation is the only costly step and
+NSGA-II is deterministic given its seed and the objective values), so a resumed search ends with the
+same front as an uninterrupted one. Under ``torch.distributed`` (``accelerate launch`` / ``torchrun``)
+each process scores its share (candidate k goes to process k mod world) and process 0 writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compress.errors import CompressError
+from compress.search.objectives import Evaluator, check_objectives
+from compress.search.space import SPACES, UNITS, Option, SearchSpace
+
+log = logging.getLogger(__name__)
+SEARCH_FILE, FRONT_FILE, PROFILE_FILE, SUPERNET_FILE, PLOT_FILE = (
+    "search.json", "front.json", "profile.json", "supernet.safetensors", "front.png")
+WINDOW = 0.05  # candidates may cost this much outside [min budget, max budget]
+
+
+@dataclass
+class SearchConfig:
+    space: str = "full"
+    gqa_unit: str = "query"
+    objectives: list[str] = field(default_factory=lambda: ["kl", "params"])
+    budgets: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.85])
+    population: int = 16
+    generations: int = 8
+    ffn_step: int | None = None
+    min_depth: int | None = None
+    data: str = "wikitext2"
+    samples: int = 16
+    seqlen: int = 128
+    batch_size: int = 8
+    seed: int = 0
+    supernet_steps: int = 0
+    supernet_lr: float = 5e-5
+    supernet_batch: int = 4
+
+    def check(self) -> None:
+        check_objectives(self.objectives)
+        if self.space not in SPACES:
+            raise CompressError(f"unknown --space '{self.space}' (choose {' or '.join(SPACES)})")
+        if self.gqa_unit not in UNITS:
+            raise CompressError(f"unknown --gqa-unit '{self.gqa_unit}' (choose query or kv)")
+        if self.population < 4:
+            raise CompressError(f"--population must be at least 4, got {self.population}")
+        if self.generations < 1:
+            raise CompressError(f"--generations must be at least 1, got {self.generations}")
+        if not self.budgets or any(not 0.0 < b <= 1.0 for b in self.budgets):
+            raise CompressError(f"every --budget must be a fraction in (0, 1], got {self.budgets}")
+        if self.supernet_steps < 0:
+            raise CompressError(f"--supernet-steps must be ≥ 0, got {self.supernet_steps}")
+        from compress.data import check_sizes
+
+        check_sizes(self.samples, self.seqlen)
+
+
+def model_fingerprint(model) -> dict:
+    """What identifies the parent: its layout and a digest of a few of its weights."""
+    from compress.arch import decoder_layers, layout
+
+    digest = hashlib.sha256()
+    for tensor in (model.model.embed_tokens.weight, decoder_layers(model)[0].self_attn.q_proj.weight,
+                   decoder_layers(model)[-1].mlp.down_proj.weight):
+        digest.update(tensor.detach().float().reshape(-1)[:4096].numpy().tobytes())
+    return {"layout": layout(model).as_dict(), "vocab": int(model.config.vocab_size), "weights": digest.hexdigest()}
+
+
+def write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class Search:
+    """One search run (see the module docstring). ``on_generation(g)`` is called after each generation's
+    checkpoint (tests use it to kill a run)."""
+
+    _fingerprint: dict | None = None
+
+    def __init__(self, model_spec: str, out: str | os.PathLike, config: SearchConfig, *, device: str = "auto",
+                 resume: bool = False, on_generation=None, loaded=None):
+        self.model_spec, self.out, self.config = str(model_spec), Path(out), config
+        self.device, self.resume, self.on_generation = device, resume, on_generation
+        self.loaded = loaded
+        self.rank, self.world = _rank_world()
+        self._candidates = lambda: []
+
+    # --- checks before any work ------------------------------------------------------------------
+    def preflight(self) -> dict | None:
+        """Check the settings and the folder; returns the recorded search when resuming."""
+        self.config.check()
+        if self.resume:
+            path = self.out / SEARCH_FILE
+            if not path.is_file():
+                raise CompressError(f"--resume: {self.out} holds no {SEARCH_FILE} (not a search folder)")
+            try:
+                recorded = json.loads(path.read_text())
+            except ValueError as exc:
+                raise CompressError(f"--resume: {path} is not valid JSON ({exc})") from None
+            if recorded.get("config") != _config_record(self.config):
+                raise CompressError(f"--resume: {self.out} was searched with other settings "
+                                    f"({_diff(recorded.get('config') or {}, _config_record(self.config))}); "
+                                    "give the same flags or another --out")
+            return recorded
+        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
+            raise CompressError(f"{self.out} already exists and is not empty; choose another --out "
+                                "(or --resume to continue the search it holds)")
+        return None
+
+    def run(self) -> dict:
+        from compress.models import load_model, resolve_model_path
+        from compress.walk import resolve_device
+
+        recorded = self.preflight()
+        device = resolve_device(self.device)
+        started = time.perf_counter()
+        loaded = self.loaded or load_model(resolve_model_path(self.model_spec))
+        model, tokenizer = loaded.model, loaded.tokenizer
+        fingerprint = model_fingerprint(model)
+        if recorded is not None and recorded.get("fingerprint") != fingerprint:
+            raise CompressError(f"--resume: {self.out} was searched on another model "
+                                f"({recorded.get('model')}), not {self.model_spec}")
+        from compress.arch import check_llama_like, layout
+
+        check_llama_like(model)
+        c = self.config
+        space = SearchSpace.from_layout(layout(model), c.space, c.gqa_unit, c.ffn_step, c.min_depth)
+        self._check_budgets(space)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        from compress.data import calibration_tokens
+
+        tokens = calibration_tokens(model, tokenizer, c.data, c.samples, c.seqlen, c.seed)
+        profile = self._profile(model, tokens, space, device)
+        from compress.search.subnet import reorder
+
+        reorder(model, space, profile["heads"], profile["channels"])
+        forward_start = time.perf_counter()
+        evaluator = Evaluator(model, space, tokens, c.batch_size, device, profile.get("latency"))
+        forward_seconds = time.perf_counter() - forward_start
+        supernet = self._supernet(model, tokenizer, space, device, recorded)
+        scores = profile["scores"]
+        record = self._search(space, evaluator, scores, recorded, fingerprint, forward_seconds, supernet)
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        if self.rank == 0:
+            write_json(self.out / SEARCH_FILE, record)
+            self._finish(record, space)
+        return record
+
+    def _check_budgets(self, space: SearchSpace) -> None:
+        from compress.search.milp import min_cost
+
+        kind = self.config.objectives[1]
+        if kind == "params":
+            reach = min_cost(space, [{o: space.option_parameters(o) for o in space.options()}] * space.depth)
+            reach /= space.parent_parameters
+        elif kind == "kv":
+            reach = min_cost(space, [{o: space.option_kv_bytes(o) for o in space.options()}] * space.depth)
+            reach /= max(space.parent_kv_bytes, 1)
+        else:
+            return  # latency: checked once the table is measured
+        low = min(self.config.budgets)
+        if low < reach - 1e-9:
+            raise CompressError(f"--budget {low} is below what the space can reach ({reach:.3f} of the parent's "
+                                f"{'decoder parameters' if kind == 'params' else 'KV bytes'} with --min-depth "
+                                f"{space.min_depth}); raise it or lower --min-depth")
+
+    # --- the profiling walk ------------------------------------------------------------------------
+    def _profile(self, model, tokens, space: SearchSpace, device) -> dict:
+        path = self.out / PROFILE_FILE
+        if self.resume and path.is_file():
+            stored = json.loads(path.read_text())
+            return {"heads": {int(k): v for k, v in stored["heads"].items()},
+                    "channels": {int(k): v for k, v in stored["channels"].items()},
+                    "scores": [{_option(k): v for k, v in layer.items()} for layer in stored["scores"]],
+                    "latency": stored.get("latency"), "seconds": stored.get("seconds")}
+        from compress.search.profile import SearchProfile
+        from compress.walk import walk
+
+        start = time.perf_counter()
+        profiler = SearchProfile(space)
+        walk(model, tokens, [profiler], device=device, batch_size=self.config.batch_size)
+        latency = None
+        if "latency" in self.config.objectives:
+            from compress.search.latency import measure_table
+            from compress.search.subnet import reorder
+
+            import copy
+
+            reordered = copy.deepcopy(model)
+            reorder(reordered, space, profiler.heads, profiler.channels)
+            latency = measure_table(reordered, space, self.config.seqlen, device)
+            del reordered
+        stored = {"heads": profiler.heads, "channels": profiler.channels,
+                  "scores": [{f"{o.a},{o.f}": profiler.scores[i][f"{o.a},{o.f}"] for o in space.options()}
+                             for i in range(space.depth)],
+                  "latency": latency, "seconds": round(time.perf_counter() - start, 1)}
+        if self.rank == 0:
+            write_json(path, stored)
+        return {"heads": profiler.heads, "channels": profiler.channels,
+                "scores": [{_option(k): v for k, v in layer.items()} for layer in stored["scores"]],
+                "latency": latency, "seconds": stored["seconds"]}
+
+    def _supernet(self, model, tokenizer, space, device, recorded) -> dict | None:
+        c = self.config
+        if not c.supernet_steps:
+            return None
+        path = self.out / SUPERNET_FILE
+        from safetensors.torch import load_file, save_file
+
+        if self.resume and path.is_file() and recorded is not None and recorded.get("supernet"):
+            state = load_file(path)
+            model.load_state_dict(state, strict=False)
+            return recorded["supernet"]
+        import copy
+
+        from compress.data import calibration_tokens
+        from compress.models import decoder_layers
+
+        from compress.search.supernet import train_supernet
+
+        teacher = copy.deepcopy(model).eval()
+        train_tokens = calibration_tokens(model, tokenizer, c.data, c.supernet_steps * c.supernet_batch, c.seqlen,
+                                          c.seed + 1)  # other text than the search's calibration
+        summary = train_supernet(model, teacher, space, train_tokens, c.supernet_steps, c.supernet_lr,
+                                 c.supernet_batch, c.seed, str(device))
+        del teacher
+        if self.rank == 0:
+            state = {f"model.layers.{i}.{k}": v.detach().contiguous()
+                     for i, layer in enumerate(decoder_layers(model)) for k, v in layer.state_dict().items()}
+            save_file(state, str(path))
+        return summary
+
+    # --- the two stages ----------------------------------------------------------------------------
+    def _search(self, space, evaluator: Evaluator, scores, recorded, fingerprint, forward_seconds, supernet) -> dict:
+        c = self.config
+        cost_kind = c.objectives[1]
+        option_costs = self._option_costs(space, evaluator, cost_kind)
+        low, high = max(min(c.budgets) - WINDOW, 0.0), min(max(c.budgets) + WINDOW, 1.0)
+        cache: dict[tuple, dict] = {}
+        candidates: list[dict] = []
+        if recorded is not None:
+            for cand in recorded.get("candidates", []):
+                cache[tuple(cand["genome"])] = cand
+        # stage 1: the solver's picks for the budgets, and for budgets spread between them (seeds)
+        seeds, seed_budgets = [], sorted(set([*c.budgets, *np.linspace(min(c.budgets), max(c.budgets),
+                                                                        c.population).round(4).tolist()]))
+        stage1 = time.perf_counter()
+        for budget in seed_budgets:
+            from compress.search.milp import solve
+
+            pick = solve(space, scores, option_costs, budget * self._parent_cost(space, evaluator, cost_kind)
+                         - self._fixed_cost(evaluator, cost_kind))
+            if pick is not None:
+                genome = space.encode(pick)
+                if genome not in [s for s, _ in seeds]:
+                    seeds.append((genome, budget))
+        stage1_seconds = time.perf_counter() - stage1
+        if len(seeds) > c.population:  # keep the user's budgets' picks and spread the rest
+            user = [s for s in seeds if s[1] in c.budgets]
+            rest = [s for s in seeds if s[1] not in c.budgets]
+            step = len(rest) / max(c.population - len(user), 1)
+            seeds = user + [rest[int(i * step)] for i in range(c.population - len(user))]
+        milp_budget = {tuple(g): b for g, b in seeds}
+        self._fingerprint = fingerprint
+        self._candidates = lambda: sorted(cache.values(), key=lambda r: (r["generation"], r["genome"]))
+
+        def evaluate(genomes: list[list[int]], generation: int) -> list[dict]:
+            todo = [g for g in genomes if tuple(g) not in cache]
+            todo = list(dict.fromkeys(tuple(g) for g in todo))
+            mine = [g for k, g in enumerate(todo) if k % self.world == self.rank]
+            results = {}
+            from compress.progress import bar
+
+            progress = bar(f"generation {generation}", total=len(mine), unit="candidate") if self.rank == 0 else None
+            for g in mine:
+                choice = space.decode(g)
+                start = time.perf_counter()
+                q = evaluator.quality(choice)
+                results[g] = {"genome": list(g), "generation": generation, **q, **evaluator.costs(choice),
+                              "proxy": sum(scores[i][o] for i, o in enumerate(choice)),
+                              "milp_budget": milp_budget.get(g), "seconds": round(time.perf_counter() - start, 2)}
+                if progress is not None:
+                    progress.update(1)
+            if progress is not None:
+                progress.close()
+            if self.world > 1:
+                gathered = [None] * self.world
+                torch.distributed.all_gather_object(gathered, results)
+                for part in gathered:
+                    results.update(part)
+            for g in todo:  # in a fixed order, whichever process scored it
+                cache[g] = results[g]
+                candidates.append(results[g])
+            return [cache[tuple(g)] for g in genomes]
+
+        parent_q = evaluator.quality(space.full_choice())  # sanity: KL of the parent to itself is 0
+        result = self._nsga(space, evaluate, seeds, low, high, recorded)
+        all_evaluated = list(cache.values())
+        front = pareto_front(all_evaluated, c.objectives, low, high)
+        return {"version": 1, "model": self.model_spec, "fingerprint": fingerprint, "config": _config_record(c),
+                "space": space.as_dict(), "objectives": c.objectives, "budgets": c.budgets,
+                "calibration": {"data": c.data, "samples": c.samples, "seqlen": c.seqlen, "seed": c.seed},
+                "window": [low, high], "forward_seconds": round(forward_seconds, 2),
+                "stage1_seconds": round(stage1_seconds, 2), "parent": {**parent_q, **evaluator.costs(space.full_choice())},
+                "supernet": supernet, "generations_done": result["generations"], "processes": self.world,
+                "candidates": sorted(all_evaluated, key=lambda r: (r["generation"], r["genome"])),
+                "front": front}
+
+    def _option_costs(self, space, evaluator, kind) -> list[dict]:
+        if kind == "params":
+            per = {o: float(space.option_parameters(o)) for o in space.options()}
+        elif kind == "kv":
+            per = {o: float(space.option_kv_bytes(o)) for o in space.options()}
+        else:
+            t = evaluator.latency
+            per = {o: (0.0 if o == (0, 0) else t["layer_fixed"] + t["attention"][o.a] + t["ffn"][o.f])
+                   for o in space.options()}
+        return [per] * space.depth
+
+    @staticmethod
+    def _parent_cost(space, evaluator, kind) -> float:
+        if kind == "params":
+            return float(space.parent_parameters)
+        if kind == "kv":
+            return float(space.parent_kv_bytes)
+        from compress.search.latency import predicted_seconds
+
+        return predicted_seconds(evaluator.latency, space, space.full_choice())
+
+    @staticmethod
+    def _fixed_cost(evaluator, kind) -> float:
+        return evaluator.latency["fixed"] if kind == "latency" else 0.0
+
+    def _nsga(self, space, evaluate, seeds, low, high, recorded) -> dict:
+        from pymoo.algorithms.moo.nsga2 import NSGA2
+        from pymoo.core.evaluator import Evaluator as PymooEvaluator
+        from pymoo.core.population import Population
+        from pymoo.core.problem import Problem
+        from pymoo.problems.static import StaticProblem
+        from pymoo.operators.crossover.sbx import SBX
+        from pymoo.operators.mutation.pm import PM
+        from pymoo.operators.repair.rounding import RoundingRepair
+        from pymoo.operators.sampling.rnd import IntegerRandomSampling
+
+        c = self.config
+        xl, xu = space.bounds()
+        problem = Problem(n_var=space.n_var, n_obj=len(c.objectives), n_ieq_constr=2, xl=xl, xu=xu, vtype=int)
+        rng = np.random.default_rng(c.seed)
+        initial = [g for g, _ in seeds]
+        while len(initial) < c.population:  # fill with random genomes (repaired), reproducibly
+            genome = space.repair(rng.integers(xl, xu + 1).tolist())
+            if genome not in initial:
+                initial.append(genome)
+        algorithm = NSGA2(pop_size=c.population, sampling=Population.new("X", np.array(initial[:c.population])),
+                          crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
+                          mutation=PM(eta=20, vtype=float, repair=RoundingRepair()), eliminate_duplicates=True)
+        algorithm.setup(problem, termination=("n_gen", c.generations), seed=c.seed, verbose=False)
+        generation = 0
+        done = (recorded or {}).get("generations_done", 0)
+        while algorithm.has_next():
+            pop = algorithm.ask()
+            genomes = [space.repair(x) for x in pop.get("X")]
+            pop.set("X", np.array(genomes))
+            rows = evaluate(genomes, generation)
+            F = np.array([[r[c.objectives[0]], *[r[k] for k in c.objectives[1:]]] for r in rows], dtype=float)
+            cost = F[:, 1]
+            G = np.stack([low - cost, cost - high], axis=1)
+            PymooEvaluator().eval(StaticProblem(problem, F=F, G=G), pop)
+            algorithm.tell(infills=pop)
+            generation += 1
+            if self.rank == 0 and generation > done:
+                self._checkpoint(generation)
+            if self.on_generation is not None:
+                self.on_generation(generation)
+        return {"generations": generation}
+
+    def _checkpoint(self, generation: int) -> None:
+        """search.json after a generation: what --resume replays."""
+        path = self.out / SEARCH_FILE
+        # the full record is written at the end; between generations the candidates are what matters
+        partial = {"version": 1, "model": self.model_spec, "config": _config_record(self.config),
+                   "fingerprint": self._fingerprint, "generations_done": generation,
+                   "candidates": self._candidates()}
+        write_json(path, partial)
+
+    def _finish(self, record: dict, space: SearchSpace) -> None:
+        write_json(self.out / FRONT_FILE, record["front"])
+        try:
+            plot_front(record, self.out / PLOT_FILE)
+        except Exception as exc:  # a plot is a convenience: never lose the search for it
+            log.warning("front.png not written: %s", exc)
+        from compress.export import write_record
+
+        write_record(self.out, {"command": "search", "source": self.model_spec, "method": "llama-nas",
+                                "config": record["config"], "objectives": record["objectives"],
+                                "budgets": record["budgets"], "front": record["front"],
+                                "calibration": record["calibration"], "parent": record["parent"],
+                                "metrics": {"seconds": record["seconds"]}})
+
+
+def _option(key: str) -> Option:
+    a, f = key.split(",")
+    return Option(int(a), int(f))
+
+
+def _config_record(config: SearchConfig) -> dict:
+    return json.loads(json.dumps(asdict(config)))
+
+
+def _diff(a: dict, b: dict) -> str:
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in keys[:3]) or "unknown"
+
+
+def pareto_front(rows: list[dict], objectives: list[str], low: float, high: float) -> list[dict]:
+    """The non-dominated rows (all objectives minimised) among those whose first cost is in [low, high],
+    sorted by that cost; each with its index ``pick`` for ``compress search export --pick``."""
+    inside = [r for r in rows if low - 1e-12 <= r[objectives[1]] <= high + 1e-12]
+    front = []
+    for r in inside:
+        v = [r[k] for k in objectives]
+        dominated = any(all(o[k] <= x for k, x in zip(objectives, v)) and any(o[k] < x for k, x in zip(objectives, v))
+                        for o in inside)
+        if not dominated and all(tuple(f["genome"]) != tuple(r["genome"]) for f in front):
+            front.append(r)
+    front.sort(key=lambda r: (r[objectives[1]], r[objectives[0]]))
+    return [{"pick": i, **r} for i, r in enumerate(front)]
+
+
+def plot_front(record: dict, path: Path, compare: list[dict] | None = None) -> None:
+    """Quality against each cost: every candidate, the front, the parent and reference points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    objectives = record["objectives"]
+    q, costs = objectives[0], objectives[1:]
+    fig, axes = plt.subplots(1, len(costs), figsize=(5.5 * len(costs), 4.2), squeeze=False)
+    for ax, cost in zip(axes[0], costs):
+        ax.scatter([r[cost] for r in record["candidates"]], [r[q] for r in record["candidates"]], s=10,
+                   color="0.7", label="evaluated")
+        front = sorted(record["front"], key=lambda r: r[cost])
+        ax.plot([r[cost] for r in front], [r[q] for r in front], "o-", color="C0", label="front")
+        ax.scatter([1.0], [record["parent"][q]], marker="*", s=120, color="C3", label="parent")
+        for point in compare or []:
+            if cost in point and q in point:
+                ax.scatter([point[cost]], [point[q]], marker="s", s=40, label=point["label"])
+        for b in record["budgets"]:
+            ax.axvline(b, color="0.85", lw=0.8, zorder=0)
+        ax.set_xlabel(f"{cost} (fraction of the parent)")
+        ax.set_ylabel(q)
+        if q == "kl":
+            ax.set_yscale("symlog", linthresh=1e-2)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"search front: {record['model']} ({record['config']['space']} space)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

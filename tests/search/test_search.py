@@ -1,0 +1,217 @@
+"""``compress search`` on a tiny Llama: the front, resume, two processes, export, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from compress.search.run import FRONT_FILE, SEARCH_FILE
+from tests.helpers import REPO, assert_one_line_error, run_cli
+from tests.helpers.search import CONFIG, small_search, tiny_search_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2_tokenizer):
+    return tiny_search_folder(tmp_path_factory.mktemp("parent") / "tiny", smollm2_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def searched(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    return out, small_search(tiny, out)
+
+
+def _front(record):
+    return [(tuple(r["genome"]), r["kl"], r["params"]) for r in record["front"]]
+
+
+def test_front_is_non_dominated_and_within_the_budgets(searched):
+    out, record = searched
+    front, candidates = record["front"], record["candidates"]
+    assert len(front) >= 3 and len(candidates) > len(front)
+    low, high = record["window"]
+    for r in front:
+        assert low - 1e-12 <= r["params"] <= high + 1e-12
+        assert not any(o["kl"] <= r["kl"] and o["params"] <= r["params"] and (o["kl"], o["params"]) != (r["kl"], r["params"])
+                       for o in candidates if low <= o["params"] <= high)
+    assert [r["params"] for r in front] == sorted(r["params"] for r in front)
+    assert record["parent"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the parent against itself
+    seeded = [c for c in candidates if c["milp_budget"] in CONFIG["budgets"]]
+    assert len(seeded) == 3 and all(c["params"] <= c["milp_budget"] + 1e-12 for c in seeded)
+    on_disk = json.loads((out / FRONT_FILE).read_text())
+    assert [r["genome"] for r in on_disk] == [r["genome"] for r in front]
+    import numpy as np
+    from PIL import Image
+
+    assert np.asarray(Image.open(out / "front.png").convert("L"), dtype=float).std() > 10  # a plot, not blank
+    assert json.loads((out / "compress.json").read_text())["command"] == "search"
+
+
+def test_candidate_costs_are_exact(searched):
+    from compress.search.space import SearchSpace
+
+    _, record = searched
+    space = SearchSpace(**record["space"])
+    for r in record["candidates"][:5]:
+        choice = space.decode(r["genome"])
+        assert r["parameters"] == space.parameters(choice)
+        assert r["params"] == pytest.approx(space.parameters(choice) / space.parent_parameters, abs=1e-12)
+        assert r["proxy"] >= 0
+
+
+def test_killed_search_resumes_to_the_same_front(tiny, searched, tmp_path):
+    _, straight = searched
+    out = tmp_path / "killed"
+
+    class Killed(Exception):
+        pass
+
+    def kill(generation):
+        if generation == 2:
+            raise Killed()
+
+    with pytest.raises(Killed):
+        small_search(tiny, out, on_generation=kill)
+    partial = json.loads((out / SEARCH_FILE).read_text())
+    assert partial["generations_done"] == 2 and not (out / FRONT_FILE).exists()
+    resumed = small_search(tiny, out, resume=True)
+    # the same sub-networks; their KL equal up to float summation order (the module's run had other threads)
+    assert [g for g, _, _ in _front(resumed)] == [g for g, _, _ in _front(straight)]
+    assert [k for _, k, _ in _front(resumed)] == pytest.approx([k for _, k, _ in _front(straight)], rel=1e-5)
+    assert len(resumed["candidates"]) == len(straight["candidates"])
+
+
+def test_two_processes_give_the_front_of_one(tiny, searched, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COMPRESS_PROGRESS": "0", "PYTHONPATH": str(REPO)}
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(REPO / "tests" / "helpers" / "dist_search_worker.py"), str(tiny), str(out)]
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / SEARCH_FILE).read_text())
+    assert record["processes"] == 2
+    _, straight = searched
+    assert [tuple(r["genome"]) for r in record["front"]] == [g for g, _, _ in _front(straight)]
+    assert [r["kl"] for r in record["front"]] == pytest.approx([k for _, k, _ in _front(straight)], rel=1e-5, abs=1e-9)
+
+
+def test_export_reloads_with_the_searched_widths_and_logits(searched, tmp_path):
+    import compress
+    from compress.arch import layout
+    from compress.models import load_model
+    from compress.search.space import SearchSpace
+    from compress.search.subnet import reorder, subnet
+
+    out, record = searched
+    member = record["front"][1]
+    result = run_cli("search", "export", out, "--pick", 1, "--out", tmp_path / "sub")
+    assert result.exit_code == 0, result.output
+    exported = compress.load(tmp_path / "sub").model
+    space = SearchSpace(**record["space"])
+    choice = space.decode(member["genome"])
+    assert [tuple(w) for w in layout(exported).layers] == [space.widths(o) for o in choice if o != (0, 0)]
+    parent = load_model(record["model"]).model
+    profile = json.loads((out / "profile.json").read_text())
+    reorder(parent, space, {int(k): v for k, v in profile["heads"].items()},
+            {int(k): v for k, v in profile["channels"].items()})
+    ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), subnet(parent, space, choice):
+        viewed = parent(input_ids=ids).logits
+    with torch.no_grad():
+        assert (exported(input_ids=ids).logits - viewed).abs().max() <= 1e-5
+    saved = json.loads((tmp_path / "sub" / "compress.json").read_text())
+    assert saved["search"]["genome"] == member["genome"] and saved["compensate"] == "none"
+
+
+def test_export_compensated_and_distilled(searched, tmp_path):
+    """--compensate slimgpt gives the same widths with other (OBS-updated) weights and a KL to the parent
+    no worse than the plain slice on the calibration tokens; --distill trains it from the parent."""
+    import compress
+    from compress.arch import layout
+
+    out, record = searched
+    result = run_cli("search", "export", out, "--budget", "0.7", "--out", tmp_path / "plain")
+    assert result.exit_code == 0, result.output
+    result = run_cli("search", "export", out, "--budget", "0.7", "--compensate", "slimgpt", "--distill", "2",
+                     "--out", tmp_path / "comp")
+    assert result.exit_code == 0, result.output
+    plain, comp = (compress.load(tmp_path / n).model for n in ("plain", "comp"))
+    assert layout(plain).layers == layout(comp).layers
+    saved = json.loads((tmp_path / "comp" / "compress.json").read_text())
+    assert saved["compensate"] == "slimgpt" and saved["distill"]["steps"] == 2
+    assert saved["search"]["objectives"]["params"] <= 0.7
+    differs = any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), comp.state_dict().values()))
+    assert differs
+
+
+def test_supernet_steps_train_the_shared_weights_and_export_uses_them(tiny, tmp_path):
+    import compress
+    from safetensors.torch import load_file
+
+    out = tmp_path / "super"
+    record = small_search(tiny, out, supernet_steps=2, generations=1)
+    assert record["supernet"]["steps"] == 2 and record["supernet"]["last_loss"] >= 0
+    trained = load_file(out / "supernet.safetensors")
+    parent = compress.load(tiny).model.state_dict()
+    moved = max(float((trained[k] - parent[k]).abs().max()) for k in trained if k.endswith("up_proj.weight")
+                and trained[k].shape == parent[k].shape)
+    assert moved > 0
+    result = run_cli("search", "export", out, "--pick", 0, "--out", tmp_path / "sub")
+    assert result.exit_code == 0, result.output
+
+
+# --- bad input: one line, exit 2, nothing written --------------------------------------------------
+
+@pytest.mark.parametrize("args, match", [
+    (["--budget", "0.01"], "below what the space can reach"),
+    (["--objectives", "kl,size"], "unknown objective 'size'"),
+    (["--population", "3"], "--population must be at least 4"),
+    (["--budget", "1.5"], "fraction in (0, 1]"),
+])
+def test_bad_search_settings(tiny, tmp_path, args, match):
+    out = tmp_path / "out"
+    result = run_cli("search", tiny, "--out", out, "--samples", 4, "--seqlen", 32, "--ffn-step", 32, *args)
+    assert_one_line_error(result, match)
+    assert not out.exists()
+
+
+def test_resume_or_export_with_another_model_is_refused(searched, tmp_path, smollm2_tokenizer):
+    out, _ = searched
+    other = tiny_search_folder(tmp_path / "other", smollm2_tokenizer, seed=7)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    c = CONFIG
+    result = run_cli("search", other, "--out", out, "--resume", "--population", c["population"], "--generations",
+                     c["generations"], "--ffn-step", c["ffn_step"], "--samples", c["samples"], "--seqlen",
+                     c["seqlen"], "--min-depth", c["min_depth"], "--batch-size", c["batch_size"])
+    assert_one_line_error(result, "was searched on another model")
+    result = run_cli("search", "export", out, "--pick", 0, "--model", other, "--out", tmp_path / "x")
+    assert_one_line_error(result, "was searched on another model")
+    assert not (tmp_path / "x").exists()
+    result = run_cli("search", other, "--out", out)
+    assert_one_line_error(result, "already exists and is not empty")
+    result = run_cli("search", other, "--out", out, "--resume", "--population", 8)
+    assert_one_line_error(result, "searched with other settings")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_export_bad_picks(searched, tmp_path):
+    out, record = searched
+    result = run_cli("search", "export", out, "--pick", len(record["front"]), "--out", tmp_path / "x")
+    assert_one_line_error(result, "is not on the front")
+    result = run_cli("search", "export", out, "--budget", "0.05", "--out", tmp_path / "x")
+    assert_one_line_error(result, "no front member costs at most 0.05")
+    result = run_cli("search", "export", tmp_path, "--pick", 0, "--out", tmp_path / "x")
+    assert_one_line_error(result, "is not a finished search folder")
+    assert not (tmp_path / "x").exists()
