@@ -40,7 +40,8 @@ from compress.registry import load_plugins
 ENTRY_POINT_GROUP = "compress.methods"
 # built-in method modules, each registers itself on import
 BUILTIN_MODULES: list[str] = ["compress.methods.quantize", "compress.methods.slimgpt", "compress.methods.flap",
-                              "compress.methods.shortgpt", "compress.methods.bone", "compress.methods.transfer.method"]
+                              "compress.methods.shortgpt", "compress.methods.bone", "compress.methods.transfer.method",
+                       "compress.search.method"]
 _REGISTRY: dict[str, type["Method"]] = {}
 _loaded = False
 

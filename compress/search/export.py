@@ -81,11 +81,9 @@ def export_subnet(run: str | Path, out: str | Path, *, pick: int | None = None, 
         loaded = load_model(source)
         if model_fingerprint(loaded.model) != search["fingerprint"]:
             raise CompressError(f"{run} was searched on another model ({search['model']}), not {spec}")
-        space = SearchSpace(**search["space"])
-        choice = space.decode(member["genome"])
-        built, details = build(loaded, search, profile, Path(run), space, choice, compensate, device)
-        if distill:
-            details["distill"] = distill_from_parent(built, loaded, search, distill, distill_lr, distill_batch, device)
+        prepare_parent(loaded.model, search, profile, Path(run))
+        built, details = build_searched(loaded.model, loaded.tokenizer, search, profile, member, compensate, distill,
+                                        distill_lr, device, source=loaded.path or spec, distill_batch=distill_batch)
         from compress.api import save
 
         record = {"command": "search export", "source": spec,
@@ -94,29 +92,46 @@ def export_subnet(run: str | Path, out: str | Path, *, pick: int | None = None, 
                                             if k in member}},
                   "compensate": compensate, **details,
                   "metrics": {"seconds": round(time.perf_counter() - started, 1)}}
-        built.requires_grad_(False)
         return save(built, out, tokenizer=loaded.tokenizer, force=force, record=record, format="safetensors")
     finally:
         release_output(out)
 
 
-def build(loaded, search: dict, profile: dict, run: Path, space: SearchSpace, choice: list[Option],
-          compensate: str, device: str):
-    """The sub-network as a model (the parent object, changed in place) and a record of how."""
-    from compress.search.subnet import materialize, reorder
+def prepare_parent(model, search: dict, profile: dict, run: Path) -> None:
+    """The parent as the search left it: reordered, with the super-network's trained layers if any."""
+    from compress.search.subnet import reorder
 
-    model = loaded.model
+    space = SearchSpace(**search["space"])
     reorder(model, space, {int(k): v for k, v in profile["heads"].items()},
             {int(k): v for k, v in profile["channels"].items()})
-    if search.get("supernet") and (run / SUPERNET_FILE).is_file():
+    if search.get("supernet"):
         from safetensors.torch import load_file
 
+        if not (run / SUPERNET_FILE).is_file():
+            raise CompressError(f"{run} lacks {SUPERNET_FILE}, which its search trained")
         missing = model.load_state_dict(load_file(run / SUPERNET_FILE), strict=False)
         if missing.unexpected_keys:
             raise CompressError(f"{run / SUPERNET_FILE} does not fit the model")
+
+
+def build_searched(model, tokenizer, search: dict, profile: dict, member: dict, compensate: str, distill: int,
+                   distill_lr: float, device: str, *, source, distill_batch: int = 4):
+    """Front member ``member`` of a search from its prepared parent (reordered, trained; changed in place):
+    sliced, or compensated by SlimGPT, then optionally distilled from the original parent (``source``).
+    Returns (model, record of how)."""
+    from compress.search.subnet import materialize
+
+    space = SearchSpace(**search["space"])
+    choice = space.decode(member["genome"])
     if compensate == "none":
-        return materialize(model, space, choice), {}
-    return compensate_slimgpt(model, loaded.tokenizer, search, space, choice, device)
+        model, details = materialize(model, space, choice), {}
+    else:
+        model, details = compensate_slimgpt(model, tokenizer, search, space, choice, device)
+    if distill:
+        details["distill"] = distill_from_parent(model, tokenizer, source, search, distill, distill_lr,
+                                                 distill_batch, device)
+    model.requires_grad_(False)
+    return model, details
 
 
 def compensate_slimgpt(model, tokenizer, search: dict, space: SearchSpace, choice: list[Option], device: str):
@@ -173,7 +188,8 @@ class FixedWidthSlimGPT(SlimGPT):
         return plans
 
 
-def distill_from_parent(model, loaded, search: dict, steps: int, lr: float, batch_size: int, device: str) -> dict:
+def distill_from_parent(model, tokenizer, source, search: dict, steps: int, lr: float, batch_size: int,
+                        device: str) -> dict:
     """Knowledge distillation from the parent (KL, full vocabulary) for ``steps`` optimizer steps."""
     from compress.data import calibration_tokens
     from compress.models import load_model
@@ -182,8 +198,8 @@ def distill_from_parent(model, loaded, search: dict, steps: int, lr: float, batc
     from compress.train.losses import KLDistillLoss
 
     c = search["calibration"]
-    teacher = load_model(loaded.path or search["model"], tokenizer=False).model.eval()
-    tokens = calibration_tokens(teacher, loaded.tokenizer, c["data"], steps * batch_size, c["seqlen"], c["seed"] + 2)
+    teacher = load_model(source, tokenizer=False).model.eval()
+    tokens = calibration_tokens(teacher, tokenizer, c["data"], steps * batch_size, c["seqlen"], c["seed"] + 2)
     examples = [Example(row.tolist(), row.tolist()) for row in tokens]
     for name, p in model.named_parameters():
         p.requires_grad_(".layers." in name)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from compress.errors import CompressError
+from compress.search.front import pareto_front, plot_front
 from compress.search.objectives import Evaluator, check_objectives
 from compress.search.space import SPACES, UNITS, Option, SearchSpace
 
@@ -362,47 +363,17 @@ class Search:
         return evaluator.latency["fixed"] if kind == "latency" else 0.0
 
     def _nsga(self, space, evaluate, seeds, low, high, recorded) -> dict:
-        from pymoo.algorithms.moo.nsga2 import NSGA2
-        from pymoo.core.evaluator import Evaluator as PymooEvaluator
-        from pymoo.core.population import Population
-        from pymoo.core.problem import Problem
-        from pymoo.problems.static import StaticProblem
-        from pymoo.operators.crossover.sbx import SBX
-        from pymoo.operators.mutation.pm import PM
-        from pymoo.operators.repair.rounding import RoundingRepair
-        from pymoo.operators.sampling.rnd import IntegerRandomSampling
+        from compress.search.nsga import run_nsga2
 
-        c = self.config
-        xl, xu = space.bounds()
-        problem = Problem(n_var=space.n_var, n_obj=len(c.objectives), n_ieq_constr=2, xl=xl, xu=xu, vtype=int)
-        rng = np.random.default_rng(c.seed)
-        initial = [g for g, _ in seeds]
-        while len(initial) < c.population:  # fill with random genomes (repaired), reproducibly
-            genome = space.repair(rng.integers(xl, xu + 1).tolist())
-            if genome not in initial:
-                initial.append(genome)
-        algorithm = NSGA2(pop_size=c.population, sampling=Population.new("X", np.array(initial[:c.population])),
-                          crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
-                          mutation=PM(eta=20, vtype=float, repair=RoundingRepair()), eliminate_duplicates=True)
-        algorithm.setup(problem, termination=("n_gen", c.generations), seed=c.seed, verbose=False)
-        generation = 0
         done = (recorded or {}).get("generations_done", 0)
-        while algorithm.has_next():
-            pop = algorithm.ask()
-            genomes = [space.repair(x) for x in pop.get("X")]
-            pop.set("X", np.array(genomes))
-            rows = evaluate(genomes, generation)
-            F = np.array([[r[c.objectives[0]], *[r[k] for k in c.objectives[1:]]] for r in rows], dtype=float)
-            cost = F[:, 1]
-            G = np.stack([low - cost, cost - high], axis=1)
-            PymooEvaluator().eval(StaticProblem(problem, F=F, G=G), pop)
-            algorithm.tell(infills=pop)
-            generation += 1
+
+        def generation_done(generation):
             if self.rank == 0 and generation > done:
                 self._checkpoint(generation)
             if self.on_generation is not None:
                 self.on_generation(generation)
-        return {"generations": generation}
+
+        return run_nsga2(space, self.config, evaluate, [g for g, _ in seeds], low, high, generation_done)
 
     def _checkpoint(self, generation: int) -> None:
         """search.json after a generation: what --resume replays."""
@@ -440,51 +411,3 @@ def _config_record(config: SearchConfig) -> dict:
 def _diff(a: dict, b: dict) -> str:
     keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in keys[:3]) or "unknown"
-
-
-def pareto_front(rows: list[dict], objectives: list[str], low: float, high: float) -> list[dict]:
-    """The non-dominated rows (all objectives minimised) among those whose first cost is in [low, high],
-    sorted by that cost; each with its index ``pick`` for ``compress search export --pick``."""
-    inside = [r for r in rows if low - 1e-12 <= r[objectives[1]] <= high + 1e-12]
-    front = []
-    for r in inside:
-        v = [r[k] for k in objectives]
-        dominated = any(all(o[k] <= x for k, x in zip(objectives, v)) and any(o[k] < x for k, x in zip(objectives, v))
-                        for o in inside)
-        if not dominated and all(tuple(f["genome"]) != tuple(r["genome"]) for f in front):
-            front.append(r)
-    front.sort(key=lambda r: (r[objectives[1]], r[objectives[0]]))
-    return [{"pick": i, **r} for i, r in enumerate(front)]
-
-
-def plot_front(record: dict, path: Path, compare: list[dict] | None = None) -> None:
-    """Quality against each cost: every candidate, the front, the parent and reference points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    objectives = record["objectives"]
-    q, costs = objectives[0], objectives[1:]
-    fig, axes = plt.subplots(1, len(costs), figsize=(5.5 * len(costs), 4.2), squeeze=False)
-    for ax, cost in zip(axes[0], costs):
-        ax.scatter([r[cost] for r in record["candidates"]], [r[q] for r in record["candidates"]], s=10,
-                   color="0.7", label="evaluated")
-        front = sorted(record["front"], key=lambda r: r[cost])
-        ax.plot([r[cost] for r in front], [r[q] for r in front], "o-", color="C0", label="front")
-        ax.scatter([1.0], [record["parent"][q]], marker="*", s=120, color="C3", label="parent")
-        for point in compare or []:
-            if cost in point and q in point:
-                ax.scatter([point[cost]], [point[q]], marker="s", s=40, label=point["label"])
-        for b in record["budgets"]:
-            ax.axvline(b, color="0.85", lw=0.8, zorder=0)
-        ax.set_xlabel(f"{cost} (fraction of the parent)")
-        ax.set_ylabel(q)
-        if q == "kl":
-            ax.set_yscale("symlog", linthresh=1e-2)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"search front: {record['model']} ({record['config']['space']} space)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

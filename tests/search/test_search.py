@@ -215,3 +215,31 @@ def test_export_bad_picks(searched, tmp_path):
     result = run_cli("search", "export", tmp_path, "--pick", 0, "--out", tmp_path / "x")
     assert_one_line_error(result, "is not a finished search folder")
     assert not (tmp_path / "x").exists()
+
+
+def test_recipe_stage_searches_and_keeps_the_pick_within_the_budget(tiny, tmp_path):
+    """A recipe's ``nas`` stage: the search folder is kept beside the output, the kept sub-network is the
+    best front member within the budget, and the output reloads with its widths."""
+    import yaml
+
+    import compress
+    from compress.arch import layout
+    from compress.search.space import SearchSpace
+
+    c = CONFIG
+    recipe = {"model": str(tiny), "device": "cpu", "out": str(tmp_path / "nas"),
+              "stages": [{"method": "nas", "options": {
+                  "budget": 0.7, "budgets": c["budgets"], "population": c["population"],
+                  "generations": c["generations"], "ffn_step": c["ffn_step"], "samples": c["samples"],
+                  "seqlen": c["seqlen"], "min_depth": c["min_depth"]}}]}
+    path = tmp_path / "nas.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = run_cli("run", path)
+    assert result.exit_code == 0, (result.output, result.exception)
+    front = json.loads((tmp_path / "nas.search" / FRONT_FILE).read_text())
+    best = min((r for r in front if r["params"] <= 0.7), key=lambda r: r["kl"])
+    stage = json.loads((tmp_path / "nas" / "compress.json").read_text())["stages"][0]
+    assert stage["method"] == "nas" and stage["result"]["genome"] == best["genome"]
+    space = SearchSpace(**json.loads((tmp_path / "nas.search" / SEARCH_FILE).read_text())["space"])
+    expected = [space.widths(o) for o in space.decode(best["genome"]) if o != (0, 0)]
+    assert [tuple(w) for w in layout(compress.load(tmp_path / "nas").model).layers] == expected

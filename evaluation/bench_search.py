@@ -1,0 +1,207 @@
+"""Benchmark: LLaMA-NAS search (``compress search``) against structured pruning at matched size.
+
+One run, one process, the same calibration tokens for every row (``--samples`` × ``--seqlen`` windows of
+the WikiText-2 train excerpt, seed 0: the search's own calibration). Per budget B (a fraction of the
+parent's decoder parameters):
+
+* search: the front member within B (``compress search export --budget B``), plain slice;
+* search + compensate: the same widths, weights re-derived by SlimGPT's OBS (``--compensate slimgpt``);
+* search + compensate + distill: then ``--distill`` steps of KD from the parent;
+* SlimGPT log (the paper), SlimGPT log + bias (the best setting of bench_prune at 50 %), FLAP and ShortGPT
+  at ratio 1 − B on the same tokens;
+* at one budget, a second search after ``--supernet-steps`` of super-network training.
+
+Measured on WikiText-2 test: perplexity at 2048 over the first ``--windows`` windows; KL(parent ‖ model)
+per token and top-1 agreement over the first ``--kl-windows`` windows of ``--kl-seqlen`` tokens (the
+parent's log-probabilities cached once); prefill (512 tokens) and decode (32 tokens) tokens/s, best of
+2, divided by the parent's in the same run; wall time of each step. Then Kendall's τ between the
+search's proxy (and its calibration KL) and the perplexity of ``--tau`` exported front members.
+
+    python -m evaluation.bench_search --out evaluation/results/search-smollm2.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import compress
+from compress.data import calibration_tokens, evaluation_stream
+from compress.metrics.cost import tokens_per_second
+from compress.metrics.perplexity import perplexity
+from compress.models import load_model, resolve_model_path
+from compress.search.export import export_subnet
+from compress.search.run import Search, SearchConfig
+
+BASELINES = {"slimgpt-log": ("slimgpt", {"schedule": "log"}),
+             "slimgpt-log-bias": ("slimgpt", {"schedule": "log", "bias": True}),
+             "flap": ("flap", {}), "shortgpt": ("shortgpt", {})}
+
+
+def kendall_tau(x: list[float], y: list[float]) -> float:
+    """Kendall's τ-b."""
+    from scipy.stats import kendalltau
+
+    return float(kendalltau(x, y).statistic)
+
+
+class Meter:
+    def __init__(self, args, tokenizer, parent):
+        self.args = args
+        stream = evaluation_stream(tokenizer, "wikitext2")
+        self.stream = stream
+        n = args.kl_seqlen
+        self.kl_ids = stream[: n * args.kl_windows].reshape(args.kl_windows, n)
+        with torch.no_grad():
+            self.parent_logp = [F.log_softmax(parent(input_ids=ids[None]).logits[0].float(), -1) for ids in self.kl_ids]
+        self.parent_speed = tokens_per_second(parent)
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict:
+        model.eval()
+        start = time.perf_counter()
+        ppl = perplexity(model, self.stream, 2048, windows=self.args.windows).perplexity
+        kl, agree, count = 0.0, 0, 0
+        for ids, logp in zip(self.kl_ids, self.parent_logp):
+            logq = F.log_softmax(model(input_ids=ids[None]).logits[0].float(), -1)
+            kl += float(F.kl_div(logq, logp, reduction="sum", log_target=True))
+            agree += int((logq.argmax(-1) == logp.argmax(-1)).sum())
+            count += ids.numel()
+        prefill, decode = tokens_per_second(model)
+        params = sum(p.numel() for layer in model.model.layers for p in layer.parameters())
+        return {"ppl": ppl, "kl": kl / count, "top1": agree / count, "prefill": prefill / self.parent_speed[0],
+                "decode": decode / self.parent_speed[1], "decoder_params": params,
+                "eval_seconds": round(time.perf_counter() - start, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.85, 0.7, 0.55])
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--population", type=int, default=16)
+    ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--windows", type=int, default=40, help="perplexity windows of 2048 tokens")
+    ap.add_argument("--kl-windows", type=int, default=4)
+    ap.add_argument("--kl-seqlen", type=int, default=512)
+    ap.add_argument("--distill", type=int, default=20, help="KD steps of the distilled rows")
+    ap.add_argument("--supernet-steps", type=int, default=20)
+    ap.add_argument("--supernet-budget", type=float, default=0.7)
+    ap.add_argument("--supernet-generations", type=int, default=3, help="generations of the search after it")
+    ap.add_argument("--tau", type=int, default=10, help="front members exported for Kendall's τ")
+    ap.add_argument("--work", default="/tmp/bench_search")
+    ap.add_argument("--out", default=None, help="append the results (markdown) to this file")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    started = time.perf_counter()
+    source = resolve_model_path(args.model)
+    loaded = load_model(source)
+    parent, tokenizer = loaded.model, loaded.tokenizer
+    tokens = calibration_tokens(parent, tokenizer, "wikitext2", args.samples, args.seqlen, 0)
+    meter = Meter(args, tokenizer, parent)
+    rows = [{"row": "parent", "budget": 1.0, **meter(parent), "seconds": 0.0}]
+    print(json.dumps(rows[-1]), flush=True)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for b in range(0, tokens.shape[0], 8):
+            parent(input_ids=tokens[b:b + 8], use_cache=False)
+    forward = time.perf_counter() - start
+    del parent
+
+    config = SearchConfig(budgets=sorted(args.budgets), population=args.population, generations=args.generations,
+                          samples=args.samples, seqlen=args.seqlen)
+    start = time.perf_counter()
+    record = Search(args.model, work / "run", config, device="cpu").run()
+    search_seconds = time.perf_counter() - start
+    print(f"search: {search_seconds:.0f} s, {len(record['candidates'])} candidates", flush=True)
+
+    def add(name, budget, folder_or_model, seconds, extra=None):
+        model = compress.load(folder_or_model).model if isinstance(folder_or_model, (str, Path)) else folder_or_model
+        rows.append({"row": name, "budget": budget, **meter(model), "seconds": round(seconds, 1), **(extra or {})})
+        print(json.dumps(rows[-1]), flush=True)
+
+    for budget in args.budgets:
+        for name, options in (("search", {}), ("search+compensate", {"compensate": "slimgpt"}),
+                              ("search+compensate+distill", {"compensate": "slimgpt", "distill": args.distill})):
+            start = time.perf_counter()
+            folder = export_subnet(work / "run", work / f"{name}-{budget}", budget=budget, device="cpu", **options)
+            add(name, budget, folder, time.perf_counter() - start)
+        for name, (method, options) in BASELINES.items():
+            model = load_model(source, tokenizer=False).model
+            start = time.perf_counter()
+            compress.prune(model, method=method, tokens=tokens, device="cpu", ratio=round(1 - budget, 4), **options)
+            add(name, budget, model, time.perf_counter() - start)
+
+    # a short super-network training, then the same search and export at one budget
+    config_super = SearchConfig(budgets=[args.supernet_budget], population=args.population,
+                                generations=args.supernet_generations, samples=args.samples, seqlen=args.seqlen,
+                                supernet_steps=args.supernet_steps)
+    start = time.perf_counter()
+    Search(args.model, work / "run-supernet", config_super, device="cpu").run()
+    folder = export_subnet(work / "run-supernet", work / "supernet-export", budget=args.supernet_budget,
+                           compensate="slimgpt", device="cpu")
+    add(f"supernet({args.supernet_steps})+search+compensate", args.supernet_budget, folder,
+        time.perf_counter() - start)
+
+    # Kendall's τ: the search's proxy and calibration KL against held-out perplexity of front members
+    front = record["front"]
+    picks = sorted({round(i * (len(front) - 1) / max(args.tau - 1, 1)) for i in range(args.tau)})
+    tau_rows = []
+    for k in picks:
+        folder = export_subnet(work / "run", work / f"tau-{k}", pick=k, device="cpu")
+        model = compress.load(folder).model
+        ppl = perplexity(model, meter.stream, 2048, windows=args.windows).perplexity
+        tau_rows.append({"pick": k, "params": front[k]["params"], "proxy": front[k]["proxy"], "kl": front[k]["kl"],
+                         "ppl": ppl})
+        print(json.dumps(tau_rows[-1]), flush=True)
+        shutil.rmtree(folder)
+    tau_proxy = kendall_tau([r["proxy"] for r in tau_rows], [r["ppl"] for r in tau_rows])
+    tau_kl = kendall_tau([r["kl"] for r in tau_rows], [r["ppl"] for r in tau_rows])
+    report(args, rows, tau_rows, tau_proxy, tau_kl, record, search_seconds, forward, time.perf_counter() - started)
+
+
+def report(args, rows, tau_rows, tau_proxy, tau_kl, record, search_seconds, forward, total) -> None:
+    import os
+
+    load = os.getloadavg()[0]
+    lines = [f"\n## {datetime.date.today()} — `python -m evaluation.bench_search "
+             f"--windows {args.windows} --distill {args.distill} --supernet-steps {args.supernet_steps} "
+             f"--supernet-generations {args.supernet_generations}`\n",
+             f"Machine: 2-core CPU, no GPU; load average at the end {load:.1f} (tokens/s ratios are within this "
+             "run). Calibration: "
+             f"{args.samples} × {args.seqlen} WikiText-2 train tokens (seed 0), the same for every row. Perplexity at "
+             f"2048 over the first {args.windows} test windows; KL / top-1 over {args.kl_windows} × {args.kl_seqlen} "
+             "test tokens; prefill 512 / decode 32 tokens/s ÷ the parent's. Search: population "
+             f"{args.population}, {args.generations} generations, {len(record['candidates'])} candidates, "
+             f"{search_seconds:.0f} s = {search_seconds / forward:.0f}× one plain forward over the calibration "
+             f"tokens ({forward:.1f} s). Whole benchmark: {total / 60:.0f} min.\n",
+             "| row | budget | decoder params | ppl@2048 | KL | top-1 | prefill × | decode × | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['row']} | {r['budget']:.2f} | {r['decoder_params'] / 1e6:.1f} M | {r['ppl']:.2f} | "
+                     f"{r['kl']:.3f} | {r['top1']:.3f} | {r['prefill']:.2f} | {r['decode']:.2f} | {r['seconds']} |")
+    lines += ["", f"Kendall τ over {len(tau_rows)} exported front members (plain slices): proxy vs perplexity "
+              f"**{tau_proxy:.2f}**, calibration KL vs perplexity **{tau_kl:.2f}**.", "",
+              "| pick | params | proxy | calib KL | ppl@2048 |", "|---|---|---|---|---|"]
+    lines += [f"| {r['pick']} | {r['params']:.3f} | {r['proxy']:.3f} | {r['kl']:.4f} | {r['ppl']:.2f} |"
+              for r in tau_rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
