@@ -85,7 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.85, 0.7, 0.55])
-    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--population", type=int, default=16)
     ap.add_argument("--generations", type=int, default=8)

@@ -54,18 +54,20 @@ def search_group():
               help="Attention unit: one query head of every KV group, or whole KV groups.")
 @click.option("--min-depth", type=int, default=None, help="Fewest layers a sub-network keeps (default: half).")
 @click.option("--data", default="wikitext2", show_default=True, help="Calibration text (or 'generate').")
-@click.option("--samples", type=int, default=16, show_default=True, help="Calibration samples.")
+@click.option("--samples", type=int, default=8, show_default=True, help="Calibration samples.")
 @click.option("--seqlen", type=int, default=128, show_default=True, help="Tokens per calibration sample.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Samples per forward.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data and of NSGA-II.")
 @click.option("--supernet-steps", type=int, default=0, show_default=True,
               help="Train the shared weights first (full + one sampled sub-network per step, KD from the parent).")
 @click.option("--supernet-lr", type=float, default=5e-5, show_default=True, help="Learning rate of --supernet-steps.")
+@click.option("--compare", multiple=True, help="Another compressed model of the same parent (a folder; repeatable): "
+                                              "scored on the same tokens and drawn on front.png.")
 @click.option("--resume", is_flag=True, help="Continue the search in --out (same flags).")
 @click.option("--json", "as_json", is_flag=True, help="Print the front as JSON.")
 @device_option
 def run_command(model, out, space, objectives, budget, population, generations, ffn_step, gqa_unit, min_depth, data,
-                samples, seqlen, batch_size, seed, supernet_steps, supernet_lr, resume, as_json, device):
+                samples, seqlen, batch_size, seed, supernet_steps, supernet_lr, compare, resume, as_json, device):
     """Search MODEL's sub-networks (depth, FFN width, attention width) for the Pareto front.
 
     Stage 1 scores every per-layer option once and a mixed-integer program picks the best combination
@@ -78,13 +80,16 @@ def run_command(model, out, space, objectives, budget, population, generations, 
                           budgets=_floats(budget, "--budget"), population=population, generations=generations,
                           ffn_step=ffn_step, min_depth=min_depth, data=data, samples=samples, seqlen=seqlen,
                           batch_size=batch_size, seed=seed, supernet_steps=supernet_steps, supernet_lr=supernet_lr)
-    record = Search(model, out, config, device=device, resume=resume).run()
+    record = Search(model, out, config, device=device, resume=resume, compare=list(compare)).run()
     if as_json:
         print_json({"front": record["front"], "seconds": record["seconds"]})
         return
     q, cost = record["objectives"][0], record["objectives"][1]
     print_table([(r["pick"], r[cost], r[q], r["ppl"], r["depth"], r["parameters"], r.get("milp_budget") or "")
                  for r in record["front"]], ("pick", cost, q, "calib ppl", "layers", "decoder params", "seeded at"))
+    if record.get("compare"):
+        print_table([(p["label"], p[cost], p[q], p["ppl"], p["depth"], p["parameters"]) for p in record["compare"]],
+                    ("compared", cost, q, "calib ppl", "layers", "decoder params"))
     click.echo(f"{len(record['candidates'])} candidates in {record['seconds']} s "
                f"(one forward over the calibration tokens: {record['forward_seconds']} s); front in {out}/front.json")
 

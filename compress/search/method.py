@@ -28,7 +28,7 @@ class LlamaNASConfig:
     generations: int = config_field(8, "NSGA-II generations.")
     ffn_step: int | None = config_field(None, "FFN width step (default 64; 256 for FFN ≥ 8192).")
     min_depth: int | None = config_field(None, "Fewest layers kept (default: half).")
-    samples: int = config_field(16, "Calibration samples of the search.")
+    samples: int = config_field(8, "Calibration samples of the search.")
     seqlen: int = config_field(128, "Tokens per calibration sample of the search.")
     data: str = config_field("wikitext2", "Calibration text of the search.")
     supernet_steps: int = config_field(0, "Super-network training steps before the search.")

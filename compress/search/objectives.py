@@ -21,6 +21,7 @@ from compress.search.space import Option, SearchSpace
 from compress.search.subnet import subnet
 
 QUALITY = ("kl", "ppl")
+CACHE_BYTES = 1 << 30  # the parent's log-probabilities are kept when they fit in this many bytes
 COSTS = ("params", "kv", "latency")
 ROWS = 1024  # positions per logits chunk
 
@@ -45,6 +46,14 @@ class Evaluator:
         self.batch_size, self.device, self.latency = batch_size, torch.device(device), latency
         model.to(self.device).eval()
         self.parent_hidden = [self._final_hidden(batch) for batch in self._batches()]
+        # the parent's log-probabilities, chunk by chunk, when they fit (else recomputed per candidate)
+        vocab = model.lm_head.out_features
+        self.parent_logp = None
+        if tokens.numel() * vocab * 4 <= CACHE_BYTES:
+            with torch.no_grad():
+                self.parent_logp = [[F.log_softmax(model.lm_head(flat[r:r + ROWS]).float(), dim=-1)
+                                     for r in range(0, flat.shape[0], ROWS)]
+                                    for flat in (h.reshape(-1, h.shape[-1]) for h in self.parent_hidden)]
 
     def _batches(self):
         for i in range(0, self.tokens.shape[0], self.batch_size):
@@ -57,22 +66,43 @@ class Evaluator:
     @torch.no_grad()
     def quality(self, choice: list[Option]) -> dict:
         """{"kl": mean KL(parent ‖ candidate) per position, "ppl": calibration perplexity}."""
-        head = self.model.lm_head
-        kl_total, nll_total, positions, targets = 0.0, 0.0, 0, 0
         with subnet(self.model, self.space, choice):
-            for ids, parent in zip(self._batches(), self.parent_hidden):
-                hidden = self._final_hidden(ids)
-                b, length, width = hidden.shape
-                flat, flat_parent = hidden.reshape(-1, width), parent.reshape(-1, width)
-                nxt = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).reshape(-1)
-                for r in range(0, flat.shape[0], ROWS):
-                    log_q = F.log_softmax(head(flat[r:r + ROWS]).float(), dim=-1)
-                    log_p = F.log_softmax(head(flat_parent[r:r + ROWS]).float(), dim=-1)
-                    kl_total += float(F.kl_div(log_q, log_p, reduction="sum", log_target=True))
-                    nll_total += float(F.nll_loss(log_q, nxt[r:r + ROWS], ignore_index=-100, reduction="sum"))
-                positions += b * length
-                targets += b * (length - 1)
+            return self._quality(self.model)
+
+    @torch.no_grad()
+    def _quality(self, model) -> dict:
+        head, parent_head = model.lm_head, self.model.lm_head
+        kl_total, nll_total, positions, targets = 0.0, 0.0, 0, 0
+        for k, (ids, parent) in enumerate(zip(self._batches(), self.parent_hidden)):
+            hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+            b, length, width = hidden.shape
+            flat, flat_parent = hidden.reshape(-1, width), parent.reshape(-1, width)
+            nxt = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).reshape(-1)
+            for c, r in enumerate(range(0, flat.shape[0], ROWS)):
+                log_q = F.log_softmax(head(flat[r:r + ROWS]).float(), dim=-1)
+                log_p = self.parent_logp[k][c] if self.parent_logp is not None else \
+                    F.log_softmax(parent_head(flat_parent[r:r + ROWS]).float(), dim=-1)
+                kl_total += float(F.kl_div(log_q, log_p, reduction="sum", log_target=True))
+                nll_total += float(F.nll_loss(log_q, nxt[r:r + ROWS], ignore_index=-100, reduction="sum"))
+            positions += b * length
+            targets += b * (length - 1)
         return {"kl": kl_total / positions, "ppl": math.exp(nll_total / max(targets, 1))}
+
+    @torch.no_grad()
+    def reference_point(self, model) -> dict:
+        """Quality and costs of another compressed model of the same parent (``--compare``), on the same
+        tokens: its decoder parameters and KV bytes counted as the space counts a candidate's."""
+        from compress.arch import layout, projection_parameters
+        from compress.search.space import KV_BYTES
+
+        lay = layout(model)
+        s = self.space
+        parameters = sum(projection_parameters(lay.hidden, lay.head_dim, *w) + 2 * lay.hidden for w in lay.layers)
+        kv = sum(2 * w.kv_heads * lay.head_dim * KV_BYTES for w in lay.layers)
+        model.to(self.device).eval()
+        return {**self._quality(model), "params": parameters / s.parent_parameters,
+                "kv": kv / s.parent_kv_bytes if s.parent_kv_bytes else 0.0, "parameters": parameters,
+                "depth": lay.depth}
 
     def costs(self, choice: list[Option]) -> dict:
         s = self.space

@@ -115,7 +115,6 @@ def option_scores(layer: nn.Module, ctx: LayerContext, space: SearchSpace, heads
         positions = [p for p in unit_heads(space, u + 1) if p not in set(unit_heads(space, u))]
         unit_cols.append(torch.cat([head_cols[p] for p in positions]))
     order = torch.tensor(channels, dtype=torch.long)
-    steps = [order[f * space.ffn_step:(f + 1) * space.ffn_step] for f in range(F)]
     errors = torch.zeros(A + 1, F + 1, dtype=torch.float64)
     total = torch.zeros((), dtype=torch.float64)
     captured = {}
@@ -124,24 +123,25 @@ def option_scores(layer: nn.Module, ctx: LayerContext, space: SearchSpace, heads
         for hidden, kwargs, _ in ctx.batches():
             y = arch_output(layer(hidden, **kwargs))
             o_in = captured.pop("o_in")
-            total += y.double().pow(2).sum()
+            total += y.pow(2).sum(dtype=torch.float64)
             attn_out = torch.zeros_like(hidden)
             w_o = o_proj.weight
+            w_down = down.weight[:, order.to(hidden.device)]  # columns in importance order: steps are views
             for a in range(A + 1):
                 if a > 0:
                     cols = unit_cols[a - 1].to(hidden.device)
                     attn_out = attn_out + o_in[..., cols] @ w_o[:, cols].t()
                 h = hidden + attn_out + (o_proj.bias if (a > 0 and o_proj.bias is not None) else 0)
                 z = layer.post_attention_layernorm(h)
-                act = mlp.act_fn(mlp.gate_proj(z)) * mlp.up_proj(z)
-                out = h.clone()
-                errors[a, 0] += (out - y).double().pow(2).sum()
+                act = (mlp.act_fn(mlp.gate_proj(z)) * mlp.up_proj(z))[..., order.to(hidden.device)]
+                diff = h - y  # Y(a, f) − Y, updated step by step
+                errors[a, 0] += diff.pow(2).sum(dtype=torch.float64)
                 for f in range(F):
-                    cols = steps[f].to(hidden.device)
-                    out += act[..., cols] @ down.weight[:, cols].t()
+                    cols = slice(f * space.ffn_step, (f + 1) * space.ffn_step)
+                    diff += act[..., cols] @ w_down[:, cols].t()
                     if f == 0 and down.bias is not None:
-                        out += down.bias
-                    errors[a, f + 1] += (out - y).double().pow(2).sum()
+                        diff += down.bias
+                    errors[a, f + 1] += diff.pow(2).sum(dtype=torch.float64)
     finally:
         hook.remove()
     rel = errors / total.clamp_min(1e-30)

@@ -51,7 +51,7 @@ class SearchConfig:
     ffn_step: int | None = None
     min_depth: int | None = None
     data: str = "wikitext2"
-    samples: int = 16
+    samples: int = 8
     seqlen: int = 128
     batch_size: int = 8
     seed: int = 0
@@ -108,10 +108,11 @@ class Search:
     _fingerprint: dict | None = None
 
     def __init__(self, model_spec: str, out: str | os.PathLike, config: SearchConfig, *, device: str = "auto",
-                 resume: bool = False, on_generation=None, loaded=None):
+                 resume: bool = False, on_generation=None, loaded=None, compare: list | None = None):
         self.model_spec, self.out, self.config = str(model_spec), Path(out), config
         self.device, self.resume, self.on_generation = device, resume, on_generation
         self.loaded = loaded
+        self.compare = [str(c) for c in compare or []]
         self.rank, self.world = _rank_world()
         self._candidates = lambda: []
 
@@ -142,6 +143,7 @@ class Search:
         from compress.walk import resolve_device
 
         recorded = self.preflight()
+        self._check_compare()
         device = resolve_device(self.device)
         started = time.perf_counter()
         loaded = self.loaded or load_model(resolve_model_path(self.model_spec))
@@ -171,11 +173,31 @@ class Search:
         supernet = self._supernet(model, tokenizer, space, device, recorded)
         scores = profile["scores"]
         record = self._search(space, evaluator, scores, recorded, fingerprint, forward_seconds, supernet)
+        record["compare"] = self._reference_points(evaluator)
         record["seconds"] = round(time.perf_counter() - started, 1)
         if self.rank == 0:
             write_json(self.out / SEARCH_FILE, record)
             self._finish(record, space)
         return record
+
+    def _check_compare(self) -> None:
+        from compress.models import resolve_model_path
+
+        for folder in self.compare:
+            resolve_model_path(folder)  # a clear error for a missing or unreadable model, before any work
+
+    def _reference_points(self, evaluator: Evaluator) -> list[dict]:
+        """``--compare`` models scored on the same tokens against the same parent (points on front.png)."""
+        from compress.models import load_model
+
+        points = []
+        for folder in self.compare:
+            other = load_model(folder, tokenizer=False).model
+            if other.config.vocab_size != evaluator.model.config.vocab_size:
+                raise CompressError(f"--compare {folder}: its vocabulary differs from the searched model's")
+            points.append({"label": Path(folder).name, "folder": folder, **evaluator.reference_point(other)})
+            del other
+        return points
 
     def _check_budgets(self, space: SearchSpace) -> None:
         from compress.search.milp import min_cost
@@ -387,7 +409,7 @@ class Search:
     def _finish(self, record: dict, space: SearchSpace) -> None:
         write_json(self.out / FRONT_FILE, record["front"])
         try:
-            plot_front(record, self.out / PLOT_FILE)
+            plot_front(record, self.out / PLOT_FILE, record.get("compare"))
         except Exception as exc:  # a plot is a convenience: never lose the search for it
             log.warning("front.png not written: %s", exc)
         from compress.export import write_record

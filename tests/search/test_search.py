@@ -243,3 +243,28 @@ def test_recipe_stage_searches_and_keeps_the_pick_within_the_budget(tiny, tmp_pa
     space = SearchSpace(**json.loads((tmp_path / "nas.search" / SEARCH_FILE).read_text())["space"])
     expected = [space.widths(o) for o in space.decode(best["genome"]) if o != (0, 0)]
     assert [tuple(w) for w in layout(compress.load(tmp_path / "nas").model).layers] == expected
+
+
+def test_compare_points_are_scored_on_the_same_tokens(tiny, tmp_path):
+    """--compare: another compressed model's KL to the parent on the search's calibration tokens, against
+    a direct float64 computation, and its parameter fraction against the space's count of the parent."""
+    import compress
+    from compress.data import calibration_tokens
+
+    pruned = tmp_path / "slim"
+    result = run_cli("prune", tiny, "--ratio", 0.3, "--data", "wikitext2", "--samples", 4, "--seqlen", 32,
+                     "--out", pruned, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    record = small_search(tiny, tmp_path / "run", generations=1, compare=[pruned])
+    point = record["compare"][0]
+    assert point["label"] == "slim"
+    parent, other = compress.load(tiny), compress.load(pruned).model
+    tokens = calibration_tokens(parent.model, parent.tokenizer, "wikitext2", CONFIG["samples"], CONFIG["seqlen"], 0)
+    with torch.no_grad():
+        log_p = torch.log_softmax(parent.model(input_ids=tokens).logits.double(), -1)
+        log_q = torch.log_softmax(other(input_ids=tokens).logits.double(), -1)
+    direct = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    assert point["kl"] == pytest.approx(direct, abs=1e-7)  # float32 log-softmax over 49152 logits vs float64
+    decoder = sum(p.numel() for layer in other.model.layers for p in layer.parameters())
+    assert point["parameters"] == decoder
+    assert point["params"] == pytest.approx(0.7, abs=0.03)

@@ -153,3 +153,21 @@ def test_space_genomes_and_costs():
     assert full.widths(Option(1, 2)) == (2, 1, 64) and full.option_kv_bytes(Option(1, 2)) == 2 * 16 * 2
     q = SearchSpace.from_layout(lay, "full", "query", ffn_step=32)
     assert q.widths(Option(1, 2)) == (2, 2, 64) and q.widths(Option(0, 1)) == (0, 0, 32)
+
+
+def test_cached_parent_log_probabilities_give_the_same_kl(monkeypatch, one_thread):
+    """The evaluator keeps the parent's log-probabilities when they fit; recomputing them per candidate
+    (a large calibration set) gives the same KL and perplexity."""
+    import compress.search.objectives as objectives
+
+    model, space, profile = profiled("query")
+    reorder(model, space, profile.heads, profile.channels)
+    choice = CHOICES[0]
+    cached = objectives.Evaluator(model, space, TOKENS, batch_size=2)
+    assert cached.parent_logp is not None
+    monkeypatch.setattr(objectives, "CACHE_BYTES", 0)
+    recomputed = objectives.Evaluator(model, space, TOKENS, batch_size=2)
+    assert recomputed.parent_logp is None
+    a, b = cached.quality(choice), recomputed.quality(choice)
+    assert a["kl"] > 1e-4 and a["kl"] == pytest.approx(b["kl"], rel=1e-6)
+    assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-6)
