@@ -99,11 +99,26 @@ def main() -> None:
     ap.add_argument("--tau", type=int, default=10, help="front members exported for Kendall's τ")
     ap.add_argument("--work", default="/tmp/bench_search")
     ap.add_argument("--out", default=None, help="append the results (markdown) to this file")
+    ap.add_argument("--reuse-search", action="store_true",
+                    help="keep --work/run from an earlier run with the same settings: the search replays from its "
+                         "recorded scores (its first run's wall time is reported)")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="only time the parent and the exported searched models a previous run left in --work "
+                         "(best of 5, one process): for an idle machine after a contended full run")
     args = ap.parse_args()
+    if args.speed_only:
+        return speed_only(args)
     torch.manual_seed(0)
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    previous = None
+    if args.reuse_search and (work / "run" / "search.json").is_file():
+        previous = json.loads((work / "run" / "search.json").read_text())
+        for child in work.iterdir():
+            if child.name != "run":
+                shutil.rmtree(child)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     source = resolve_model_path(args.model)
     loaded = load_model(source)
@@ -122,8 +137,8 @@ def main() -> None:
     config = SearchConfig(budgets=sorted(args.budgets), population=args.population, generations=args.generations,
                           samples=args.samples, seqlen=args.seqlen)
     start = time.perf_counter()
-    record = Search(args.model, work / "run", config, device="cpu").run()
-    search_seconds = time.perf_counter() - start
+    record = Search(args.model, work / "run", config, device="cpu", resume=previous is not None).run()
+    search_seconds = previous["seconds"] if previous else time.perf_counter() - start
     print(f"search: {search_seconds:.0f} s, {len(record['candidates'])} candidates", flush=True)
 
     def add(name, budget, folder_or_model, seconds, extra=None):
@@ -141,7 +156,9 @@ def main() -> None:
             model = load_model(source, tokenizer=False).model
             start = time.perf_counter()
             compress.prune(model, method=method, tokens=tokens, device="cpu", ratio=round(1 - budget, 4), **options)
-            add(name, budget, model, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            compress.save(model, work / f"{name}-{budget}")  # for --speed-only
+            add(name, budget, model, seconds)
 
     # a short super-network training, then the same search and export at one budget
     config_super = SearchConfig(budgets=[args.supernet_budget], population=args.population,
@@ -169,6 +186,33 @@ def main() -> None:
     tau_proxy = kendall_tau([r["proxy"] for r in tau_rows], [r["ppl"] for r in tau_rows])
     tau_kl = kendall_tau([r["kl"] for r in tau_rows], [r["ppl"] for r in tau_rows])
     report(args, rows, tau_rows, tau_proxy, tau_kl, record, search_seconds, forward, time.perf_counter() - started)
+
+
+def speed_only(args) -> None:
+    import os
+
+    work = Path(args.work)
+    folders = sorted(p for p in work.iterdir() if p.is_dir() and (p / "compress.json").is_file())
+    if not folders:
+        raise SystemExit(f"no exported models in {work}: run the full benchmark first")
+    parent = load_model(resolve_model_path(args.model), tokenizer=False).model.eval()
+    base = tokens_per_second(parent, repeats=5)
+    lines = [f"\n## {datetime.date.today()} — `python -m evaluation.bench_search --speed-only` (idle timing)\n",
+             f"The models the run above exported, timed again in one process (prefill of 512 tokens and 32 decode "
+             f"steps, batch 1, best of 5); load average at the start {os.getloadavg()[0]:.1f}. Parent: prefill "
+             f"{base[0]:.0f} tok/s, decode {base[1]:.1f} tok/s.\n",
+             "| model | decoder params | prefill × | decode × |", "|---|---|---|---|"]
+    for folder in folders:
+        model = compress.load(folder).model.eval()
+        prefill, decode = tokens_per_second(model, repeats=5)
+        params = sum(p.numel() for layer in model.model.layers for p in layer.parameters())
+        lines.append(f"| {folder.name} | {params / 1e6:.1f} M | {prefill / base[0]:.2f} | {decode / base[1]:.2f} |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text)
 
 
 def report(args, rows, tau_rows, tau_proxy, tau_kl, record, search_seconds, forward, total) -> None:

@@ -101,6 +101,10 @@ def run_command(model, out, space, objectives, budget, population, generations, 
 @click.option("--out", required=True, help="Output folder (must not exist unless --force).")
 @click.option("--compensate", type=click.Choice(["none", "slimgpt"]), default="none", show_default=True,
               help="slimgpt: re-derive the kept weights with SlimGPT's OBS update at the searched widths.")
+@click.option("--compensate-samples", type=int, default=32, show_default=True,
+              help="Calibration samples of --compensate slimgpt (the search's data source and seed).")
+@click.option("--compensate-seqlen", type=int, default=256, show_default=True,
+              help="Tokens per calibration sample of --compensate slimgpt.")
 @click.option("--distill", type=int, default=0, show_default=True,
               help="Steps of knowledge distillation from the parent (KL, full vocabulary) after the export.")
 @click.option("--distill-lr", type=float, default=1e-4, show_default=True, help="Learning rate of --distill.")
@@ -108,11 +112,16 @@ def run_command(model, out, space, objectives, budget, population, generations, 
 @click.option("--model", default=None, help="The parent, when it moved since the search (checked).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @device_option
-def export_command(run, pick, budget, out, compensate, distill, distill_lr, distill_batch, model, force, device):
+def export_command(run, pick, budget, out, compensate, compensate_samples, compensate_seqlen, distill, distill_lr,
+                   distill_batch, model, force, device):
     """Write front member --pick K (or the best within --budget B) of the search in RUN as a model."""
     from compress.search.export import export_subnet
 
-    folder = export_subnet(run, out, pick=pick, budget=budget, compensate=compensate, distill=distill,
+    from compress.data import check_sizes
+
+    check_sizes(compensate_samples, compensate_seqlen)
+    folder = export_subnet(run, out, pick=pick, budget=budget, compensate=compensate,
+                           compensate_samples=compensate_samples, compensate_seqlen=compensate_seqlen, distill=distill,
                            distill_lr=distill_lr, distill_batch=distill_batch, model=model, device=device,
                            force=force)
     click.echo(f"saved {folder}")

@@ -21,7 +21,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 
 from compress.errors import CompressError
 from compress.methods.slimgpt.method import SlimGPT
@@ -30,6 +29,8 @@ from compress.search.space import Option, SearchSpace
 
 log = logging.getLogger(__name__)
 COMPENSATE = ("none", "slimgpt")
+# SlimGPT's OBS needs more tokens than the search's KL: its Hessians are hidden × hidden and FFN × FFN
+COMPENSATE_SAMPLES, COMPENSATE_SEQLEN = 32, 256
 
 
 def read_run(run: str | Path) -> tuple[dict, list[dict], dict]:
@@ -63,6 +64,7 @@ def choose(front: list[dict], objectives: list[str], pick: int | None, budget: f
 
 def export_subnet(run: str | Path, out: str | Path, *, pick: int | None = None, budget: float | None = None,
                   compensate: str = "none", distill: int = 0, distill_lr: float = 1e-4, distill_batch: int = 4,
+                  compensate_samples: int = COMPENSATE_SAMPLES, compensate_seqlen: int = COMPENSATE_SEQLEN,
                   model: str | None = None, device: str = "auto", force: bool = False) -> Path:
     from compress.export import check_output_path, release_output
     from compress.models import load_model, resolve_model_path
@@ -83,7 +85,8 @@ def export_subnet(run: str | Path, out: str | Path, *, pick: int | None = None, 
             raise CompressError(f"{run} was searched on another model ({search['model']}), not {spec}")
         prepare_parent(loaded.model, search, profile, Path(run))
         built, details = build_searched(loaded.model, loaded.tokenizer, search, profile, member, compensate, distill,
-                                        distill_lr, device, source=loaded.path or spec, distill_batch=distill_batch)
+                                        distill_lr, device, source=loaded.path or spec, distill_batch=distill_batch,
+                                        compensate_tokens=(compensate_samples, compensate_seqlen))
         from compress.api import save
 
         record = {"command": "search export", "source": spec,
@@ -115,7 +118,8 @@ def prepare_parent(model, search: dict, profile: dict, run: Path) -> None:
 
 
 def build_searched(model, tokenizer, search: dict, profile: dict, member: dict, compensate: str, distill: int,
-                   distill_lr: float, device: str, *, source, distill_batch: int = 4):
+                   distill_lr: float, device: str, *, source, distill_batch: int = 4,
+                   compensate_tokens: tuple[int, int] = (COMPENSATE_SAMPLES, COMPENSATE_SEQLEN)):
     """Front member ``member`` of a search from its prepared parent (reordered, trained; changed in place):
     sliced, or compensated by SlimGPT, then optionally distilled from the original parent (``source``).
     Returns (model, record of how)."""
@@ -126,7 +130,7 @@ def build_searched(model, tokenizer, search: dict, profile: dict, member: dict, 
     if compensate == "none":
         model, details = materialize(model, space, choice), {}
     else:
-        model, details = compensate_slimgpt(model, tokenizer, search, space, choice, device)
+        model, details = compensate_slimgpt(model, tokenizer, search, space, choice, device, *compensate_tokens)
     if distill:
         details["distill"] = distill_from_parent(model, tokenizer, source, search, distill, distill_lr,
                                                  distill_batch, device)
@@ -134,8 +138,10 @@ def build_searched(model, tokenizer, search: dict, profile: dict, member: dict, 
     return model, details
 
 
-def compensate_slimgpt(model, tokenizer, search: dict, space: SearchSpace, choice: list[Option], device: str):
-    """Drop the layers, remove whole attentions / MLPs, then SlimGPT to exactly the searched widths."""
+def compensate_slimgpt(model, tokenizer, search: dict, space: SearchSpace, choice: list[Option], device: str,
+                       samples: int = COMPENSATE_SAMPLES, seqlen: int = COMPENSATE_SEQLEN):
+    """Drop the layers, remove whole attentions / MLPs, then SlimGPT to exactly the searched widths, on
+    ``samples`` × ``seqlen`` tokens of the search's calibration source (its seed)."""
     from compress.data import calibration_tokens
     from compress.search.subnet import materialize
     from compress.walk import walk
@@ -146,10 +152,11 @@ def compensate_slimgpt(model, tokenizer, search: dict, space: SearchSpace, choic
     method = FixedWidthSlimGPT([space.widths(o) for o in kept], space.unit)
     method.prepare(model)
     c = search["calibration"]
-    tokens = calibration_tokens(model, tokenizer, c["data"], c["samples"], c["seqlen"], c["seed"])
+    tokens = calibration_tokens(model, tokenizer, c["data"], samples, seqlen, c["seed"])
     start = time.perf_counter()
     walk(model, tokens, [method], device=device, batch_size=search["config"]["batch_size"], staged=False)
-    return model, {"compensate_seconds": round(time.perf_counter() - start, 1)}
+    return model, {"compensate_seconds": round(time.perf_counter() - start, 1),
+                   "compensate_calibration": {"data": c["data"], "samples": samples, "seqlen": seqlen, "seed": c["seed"]}}
 
 
 class FixedWidthSlimGPT(SlimGPT):

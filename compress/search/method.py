@@ -33,6 +33,8 @@ class LlamaNASConfig:
     data: str = config_field("wikitext2", "Calibration text of the search.")
     supernet_steps: int = config_field(0, "Super-network training steps before the search.")
     compensate: str = config_field("none", "none or slimgpt (OBS update of the kept weights at the searched widths).")
+    compensate_samples: int = config_field(32, "Calibration samples of compensate (the search's data and seed).")
+    compensate_seqlen: int = config_field(256, "Tokens per calibration sample of compensate.")
     distill: int = config_field(0, "Steps of knowledge distillation from the parent after the pick.")
     distill_lr: float = config_field(1e-4, "Learning rate of distill.")
     run_dir: str | None = config_field(None, "Search folder (default: <out>.search); --resume style continuation "
@@ -76,7 +78,8 @@ class LlamaNAS(ModelMethod):
         member = choose(record["front"], record["objectives"], None, c.budget)
         profile = json.loads((run_dir / PROFILE_FILE).read_text())
         model, details = build_searched(ctx.model, ctx.tokenizer, record, profile, member, c.compensate, c.distill,
-                                        c.distill_lr, str(ctx.device), source=ctx.source)
+                                        c.distill_lr, str(ctx.device), source=ctx.source,
+                                        compensate_tokens=(c.compensate_samples, c.compensate_seqlen))
         self.picked = {"run_dir": str(run_dir), "pick": member["pick"], "genome": member["genome"],
                        **{k: member[k] for k in ("kl", "ppl", "params", "kv", "depth")}}
         return {"model": model, **self.picked, **details}

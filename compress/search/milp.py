@@ -49,3 +49,31 @@ def min_cost(space: SearchSpace, costs: list[dict[Option, float]]) -> float:
     least, every other layer dropped (a dropped layer costs nothing)."""
     cheapest = sorted(min(v for o, v in layer.items() if o != (0, 0)) for layer in costs)
     return float(sum(cheapest[:space.min_depth]))
+
+
+def option_costs(space: SearchSpace, latency: dict | None, kind: str) -> list[dict[Option, float]]:
+    """Per layer, the additive cost of each option: parameters, KV bytes or seconds (latency table)."""
+    if kind == "params":
+        per = {o: float(space.option_parameters(o)) for o in space.options()}
+    elif kind == "kv":
+        per = {o: float(space.option_kv_bytes(o)) for o in space.options()}
+    else:
+        t = latency
+        per = {o: (0.0 if o == (0, 0) else t["layer_fixed"] + t["attention"][o.a] + t["ffn"][o.f])
+               for o in space.options()}
+    return [per] * space.depth
+
+
+def parent_cost(space: SearchSpace, latency: dict | None, kind: str) -> float:
+    if kind == "params":
+        return float(space.parent_parameters)
+    if kind == "kv":
+        return float(space.parent_kv_bytes)
+    from compress.search.latency import predicted_seconds
+
+    return predicted_seconds(latency, space, space.full_choice())
+
+
+def fixed_cost(latency: dict | None, kind: str) -> float:
+    """The part of the cost no layer option changes (the latency of the embedding, final norm, lm_head)."""
+    return latency["fixed"] if kind == "latency" else 0.0

@@ -104,7 +104,7 @@ class SearchProfile(LayerMethod):
 def option_scores(layer: nn.Module, ctx: LayerContext, space: SearchSpace, heads: list[int],
                   channels: list[int]) -> dict[str, float]:
     """Relative output error of every option of this layer (keys "a,f"), see the module docstring."""
-    attn, mlp = layer.self_attn, layer.mlp
+    mlp = layer.mlp
     o_proj, down = arch.projection(layer, arch.O), arch.projection(layer, arch.DOWN)
     d = space.head_dim
     A, F = space.attention_units, space.ffn_options

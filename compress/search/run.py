@@ -18,12 +18,11 @@ each process scores its share (candidate k goes to process k mod world) and proc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,8 @@ import torch
 from compress.errors import CompressError
 from compress.search.front import pareto_front, plot_front
 from compress.search.objectives import Evaluator, check_objectives
-from compress.search.space import SPACES, UNITS, Option, SearchSpace
+from compress.search.record import config_record, differences, model_fingerprint, option, write_json  # noqa: F401  (model_fingerprint: re-exported)
+from compress.search.space import SPACES, UNITS, SearchSpace
 
 log = logging.getLogger(__name__)
 SEARCH_FILE, FRONT_FILE, PROFILE_FILE, SUPERNET_FILE, PLOT_FILE = (
@@ -78,23 +78,6 @@ class SearchConfig:
         check_sizes(self.samples, self.seqlen)
 
 
-def model_fingerprint(model) -> dict:
-    """What identifies the parent: its layout and a digest of a few of its weights."""
-    from compress.arch import decoder_layers, layout
-
-    digest = hashlib.sha256()
-    for tensor in (model.model.embed_tokens.weight, decoder_layers(model)[0].self_attn.q_proj.weight,
-                   decoder_layers(model)[-1].mlp.down_proj.weight):
-        digest.update(tensor.detach().float().reshape(-1)[:4096].numpy().tobytes())
-    return {"layout": layout(model).as_dict(), "vocab": int(model.config.vocab_size), "weights": digest.hexdigest()}
-
-
-def write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def _rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -128,9 +111,9 @@ class Search:
                 recorded = json.loads(path.read_text())
             except ValueError as exc:
                 raise CompressError(f"--resume: {path} is not valid JSON ({exc})") from None
-            if recorded.get("config") != _config_record(self.config):
+            if recorded.get("config") != config_record(self.config):
                 raise CompressError(f"--resume: {self.out} was searched with other settings "
-                                    f"({_diff(recorded.get('config') or {}, _config_record(self.config))}); "
+                                    f"({differences(recorded.get('config') or {}, config_record(self.config))}); "
                                     "give the same flags or another --out")
             return recorded
         if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
@@ -143,6 +126,8 @@ class Search:
         from compress.walk import resolve_device
 
         recorded = self.preflight()
+        self._previous_seconds = float((recorded or {}).get("seconds") or 0.0)
+        self._started = time.perf_counter()
         self._check_compare()
         device = resolve_device(self.device)
         started = time.perf_counter()
@@ -158,12 +143,16 @@ class Search:
         c = self.config
         space = SearchSpace.from_layout(layout(model), c.space, c.gqa_unit, c.ffn_step, c.min_depth)
         self._check_budgets(space)
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
         from compress.data import calibration_tokens
 
         tokens = calibration_tokens(model, tokenizer, c.data, c.samples, c.seqlen, c.seed)
-        profile = self._profile(model, tokens, space, device)
+        profile, stored = self._profile(model, tokens, space, device)
+        if profile.get("latency") is not None:
+            self._check_latency_budgets(space, profile["latency"])
+        if self.rank == 0:  # the first file of the run: every check has passed
+            self.out.mkdir(parents=True, exist_ok=True)
+            if stored is not None:
+                write_json(self.out / PROFILE_FILE, stored)
         from compress.search.subnet import reorder
 
         reorder(model, space, profile["heads"], profile["channels"])
@@ -174,7 +163,7 @@ class Search:
         scores = profile["scores"]
         record = self._search(space, evaluator, scores, recorded, fingerprint, forward_seconds, supernet)
         record["compare"] = self._reference_points(evaluator)
-        record["seconds"] = round(time.perf_counter() - started, 1)
+        record["seconds"] = round(self._previous_seconds + time.perf_counter() - started, 1)  # over every run
         if self.rank == 0:
             write_json(self.out / SEARCH_FILE, record)
             self._finish(record, space)
@@ -199,6 +188,17 @@ class Search:
             del other
         return points
 
+    def _check_latency_budgets(self, space: SearchSpace, table: dict) -> None:
+        from compress.search import milp
+
+        costs = milp.option_costs(space, table, "latency")
+        reach = (milp.fixed_cost(table, "latency") + milp.min_cost(space, costs)) / milp.parent_cost(space, table,
+                                                                                                      "latency")
+        if min(self.config.budgets) < reach - 1e-9:
+            raise CompressError(f"--budget {min(self.config.budgets)} is below what the space can reach ({reach:.3f} "
+                                f"of the parent's measured latency with --min-depth {space.min_depth}: the "
+                                "embedding and lm_head take the rest); raise it or lower --min-depth")
+
     def _check_budgets(self, space: SearchSpace) -> None:
         from compress.search.milp import min_cost
 
@@ -218,14 +218,15 @@ class Search:
                                 f"{space.min_depth}); raise it or lower --min-depth")
 
     # --- the profiling walk ------------------------------------------------------------------------
-    def _profile(self, model, tokens, space: SearchSpace, device) -> dict:
+    def _profile(self, model, tokens, space: SearchSpace, device) -> tuple[dict, dict | None]:
+        """(profile, what to store in profile.json, None when it was read from there)."""
         path = self.out / PROFILE_FILE
         if self.resume and path.is_file():
             stored = json.loads(path.read_text())
             return {"heads": {int(k): v for k, v in stored["heads"].items()},
                     "channels": {int(k): v for k, v in stored["channels"].items()},
-                    "scores": [{_option(k): v for k, v in layer.items()} for layer in stored["scores"]],
-                    "latency": stored.get("latency"), "seconds": stored.get("seconds")}
+                    "scores": [{option(k): v for k, v in layer.items()} for layer in stored["scores"]],
+                    "latency": stored.get("latency"), "seconds": stored.get("seconds")}, None
         from compress.search.profile import SearchProfile
         from compress.walk import walk
 
@@ -234,10 +235,10 @@ class Search:
         walk(model, tokens, [profiler], device=device, batch_size=self.config.batch_size)
         latency = None
         if "latency" in self.config.objectives:
+            import copy
+
             from compress.search.latency import measure_table
             from compress.search.subnet import reorder
-
-            import copy
 
             reordered = copy.deepcopy(model)
             reorder(reordered, space, profiler.heads, profiler.channels)
@@ -247,11 +248,9 @@ class Search:
                   "scores": [{f"{o.a},{o.f}": profiler.scores[i][f"{o.a},{o.f}"] for o in space.options()}
                              for i in range(space.depth)],
                   "latency": latency, "seconds": round(time.perf_counter() - start, 1)}
-        if self.rank == 0:
-            write_json(path, stored)
         return {"heads": profiler.heads, "channels": profiler.channels,
-                "scores": [{_option(k): v for k, v in layer.items()} for layer in stored["scores"]],
-                "latency": latency, "seconds": stored["seconds"]}
+                "scores": [{option(k): v for k, v in layer.items()} for layer in stored["scores"]],
+                "latency": latency, "seconds": stored["seconds"]}, stored
 
     def _supernet(self, model, tokenizer, space, device, recorded) -> dict | None:
         c = self.config
@@ -268,7 +267,6 @@ class Search:
 
         from compress.data import calibration_tokens
         from compress.models import decoder_layers
-
         from compress.search.supernet import train_supernet
 
         teacher = copy.deepcopy(model).eval()
@@ -285,12 +283,13 @@ class Search:
 
     # --- the two stages ----------------------------------------------------------------------------
     def _search(self, space, evaluator: Evaluator, scores, recorded, fingerprint, forward_seconds, supernet) -> dict:
+        from compress.search import milp
+
         c = self.config
         cost_kind = c.objectives[1]
-        option_costs = self._option_costs(space, evaluator, cost_kind)
+        option_costs = milp.option_costs(space, evaluator.latency, cost_kind)
         low, high = max(min(c.budgets) - WINDOW, 0.0), min(max(c.budgets) + WINDOW, 1.0)
         cache: dict[tuple, dict] = {}
-        candidates: list[dict] = []
         if recorded is not None:
             for cand in recorded.get("candidates", []):
                 cache[tuple(cand["genome"])] = cand
@@ -299,10 +298,8 @@ class Search:
                                                                         c.population).round(4).tolist()]))
         stage1 = time.perf_counter()
         for budget in seed_budgets:
-            from compress.search.milp import solve
-
-            pick = solve(space, scores, option_costs, budget * self._parent_cost(space, evaluator, cost_kind)
-                         - self._fixed_cost(evaluator, cost_kind))
+            pick = milp.solve(space, scores, option_costs, budget * milp.parent_cost(space, evaluator.latency, cost_kind)
+                              - milp.fixed_cost(evaluator.latency, cost_kind))
             if pick is not None:
                 genome = space.encode(pick)
                 if genome not in [s for s, _ in seeds]:
@@ -343,14 +340,13 @@ class Search:
                     results.update(part)
             for g in todo:  # in a fixed order, whichever process scored it
                 cache[g] = results[g]
-                candidates.append(results[g])
             return [cache[tuple(g)] for g in genomes]
 
         parent_q = evaluator.quality(space.full_choice())  # sanity: KL of the parent to itself is 0
         result = self._nsga(space, evaluate, seeds, low, high, recorded)
         all_evaluated = list(cache.values())
         front = pareto_front(all_evaluated, c.objectives, low, high)
-        return {"version": 1, "model": self.model_spec, "fingerprint": fingerprint, "config": _config_record(c),
+        return {"version": 1, "model": self.model_spec, "fingerprint": fingerprint, "config": config_record(c),
                 "space": space.as_dict(), "objectives": c.objectives, "budgets": c.budgets,
                 "calibration": {"data": c.data, "samples": c.samples, "seqlen": c.seqlen, "seed": c.seed},
                 "window": [low, high], "forward_seconds": round(forward_seconds, 2),
@@ -358,31 +354,6 @@ class Search:
                 "supernet": supernet, "generations_done": result["generations"], "processes": self.world,
                 "candidates": sorted(all_evaluated, key=lambda r: (r["generation"], r["genome"])),
                 "front": front}
-
-    def _option_costs(self, space, evaluator, kind) -> list[dict]:
-        if kind == "params":
-            per = {o: float(space.option_parameters(o)) for o in space.options()}
-        elif kind == "kv":
-            per = {o: float(space.option_kv_bytes(o)) for o in space.options()}
-        else:
-            t = evaluator.latency
-            per = {o: (0.0 if o == (0, 0) else t["layer_fixed"] + t["attention"][o.a] + t["ffn"][o.f])
-                   for o in space.options()}
-        return [per] * space.depth
-
-    @staticmethod
-    def _parent_cost(space, evaluator, kind) -> float:
-        if kind == "params":
-            return float(space.parent_parameters)
-        if kind == "kv":
-            return float(space.parent_kv_bytes)
-        from compress.search.latency import predicted_seconds
-
-        return predicted_seconds(evaluator.latency, space, space.full_choice())
-
-    @staticmethod
-    def _fixed_cost(evaluator, kind) -> float:
-        return evaluator.latency["fixed"] if kind == "latency" else 0.0
 
     def _nsga(self, space, evaluate, seeds, low, high, recorded) -> dict:
         from compress.search.nsga import run_nsga2
@@ -401,8 +372,9 @@ class Search:
         """search.json after a generation: what --resume replays."""
         path = self.out / SEARCH_FILE
         # the full record is written at the end; between generations the candidates are what matters
-        partial = {"version": 1, "model": self.model_spec, "config": _config_record(self.config),
+        partial = {"version": 1, "model": self.model_spec, "config": config_record(self.config),
                    "fingerprint": self._fingerprint, "generations_done": generation,
+                   "seconds": round(self._previous_seconds + time.perf_counter() - self._started, 1),
                    "candidates": self._candidates()}
         write_json(path, partial)
 
@@ -419,17 +391,3 @@ class Search:
                                 "budgets": record["budgets"], "front": record["front"],
                                 "calibration": record["calibration"], "parent": record["parent"],
                                 "metrics": {"seconds": record["seconds"]}})
-
-
-def _option(key: str) -> Option:
-    a, f = key.split(",")
-    return Option(int(a), int(f))
-
-
-def _config_record(config: SearchConfig) -> dict:
-    return json.loads(json.dumps(asdict(config)))
-
-
-def _diff(a: dict, b: dict) -> str:
-    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in keys[:3]) or "unknown"

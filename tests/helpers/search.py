@@ -19,6 +19,6 @@ def tiny_search_folder(folder, tokenizer, layers: int = 4, seed: int = 0):
     return folder
 
 
-def small_search(model, out, on_generation=None, resume=False, **overrides):
+def small_search(model, out, on_generation=None, resume=False, compare=None, **overrides):
     return Search(str(model), out, SearchConfig(**{**CONFIG, **overrides}), device="cpu", resume=resume,
-                  on_generation=on_generation).run()
+                  on_generation=on_generation, compare=compare).run()

@@ -268,3 +268,30 @@ def test_compare_points_are_scored_on_the_same_tokens(tiny, tmp_path):
     decoder = sum(p.numel() for layer in other.model.layers for p in layer.parameters())
     assert point["parameters"] == decoder
     assert point["params"] == pytest.approx(0.7, abs=0.03)
+
+
+def test_latency_objective_sums_the_measured_table(tiny, tmp_path):
+    """--objectives kl,latency: every candidate's latency is the table's sum for its options, as a fraction
+    of the parent's predicted time (budgets the tiny model can reach: its lm_head dominates)."""
+    from compress.search.latency import predicted_seconds
+    from compress.search.space import SearchSpace
+
+    record = small_search(tiny, tmp_path / "lat", objectives=["kl", "latency"], generations=1, budgets=[0.97, 0.99, 1.0])
+    table = json.loads((tmp_path / "lat" / "profile.json").read_text())["latency"]
+    assert len(table["attention"]) == 3 and len(table["ffn"]) == 4 and table["fixed"] > 0
+    space = SearchSpace(**record["space"])
+    parent = predicted_seconds(table, space, space.full_choice())
+    for r in record["candidates"]:
+        seconds = predicted_seconds(table, space, space.decode(r["genome"]))
+        assert r["latency_seconds"] == pytest.approx(seconds, rel=1e-12)
+        assert r["latency"] == pytest.approx(seconds / parent, rel=1e-12)
+    assert len(record["candidates"]) >= CONFIG["population"]
+
+
+def test_latency_budget_below_the_fixed_part_is_refused(tiny, tmp_path):
+    """On the tiny model the embedding and the 49152-wide lm_head take most of a forward, so no sub-network
+    reaches half the parent's latency: refused once the table is measured, before any file is written."""
+    result = run_cli("search", tiny, "--out", tmp_path / "lat", "--objectives", "kl,latency", "--budget", "0.3,0.5",
+                     "--samples", 4, "--seqlen", 32, "--ffn-step", 32, "--min-depth", 2)
+    assert_one_line_error(result, "below what the space can reach")
+    assert not (tmp_path / "lat").exists()
