@@ -41,7 +41,7 @@ ENTRY_POINT_GROUP = "compress.methods"
 # built-in method modules, each registers itself on import
 BUILTIN_MODULES: list[str] = ["compress.methods.quantize", "compress.methods.slimgpt", "compress.methods.flap",
                               "compress.methods.shortgpt", "compress.methods.bone", "compress.methods.transfer.method",
-                       "compress.search.method"]
+                       "compress.search.method", "compress.distill.method"]
 _REGISTRY: dict[str, type["Method"]] = {}
 _loaded = False
 

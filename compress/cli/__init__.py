@@ -18,11 +18,14 @@ from compress.errors import CompressError
 
 COMMANDS = [
     "compress.cli.adapt_cmd",
+    "compress.cli.compare_cmd",
+    "compress.cli.distill_cmd",
     "compress.cli.eval_cmd",
     "compress.cli.hybridize_cmd",
     "compress.cli.prune_cmd",
     "compress.cli.quantize_cmd",
     "compress.cli.run_cmd",
+    "compress.cli.search_cmd",
     "compress.cli.transfer_cmd",
 ]
 

@@ -1,0 +1,265 @@
+"""Zebra-Llama distillation of smollm2-135m on this CPU: what ILD, SMART and end-to-end KD buy.
+
+Protocol (one run, one process, ``--threads`` CPU threads, float32, seed 0):
+
+* Training text: the WikiText-2 train excerpt, cut into disjoint ``--seqlen``-token windows by
+  :func:`compress.distill.plan.make_plan` (the same split as ``compress distill``): ``--ild-tokens`` for
+  ILD, ``--smart-tokens`` held out for SMART (and as KD's evaluation set), ``--kd-tokens`` for KD.
+  **Every trained row sees the very same ILD and KD windows, in the same order.**
+* Ranks: r_q 384 (the default), ``--kv-rank`` 112 and ``--rope-dim`` 32, so that 4 MLA layers of 30
+  hold 4 · 144 / (30 · 384) = 5.00% of the teacher's KV cache (the default r_kv 128 gives 5.56%, above
+  the 5% goal). ILD (both mixers of every layer) runs once and every row built from MLA / Mamba2
+  mixers takes its mixers from that one bank; the all-MLA row has its own ILD (MLA only,
+  ``--all-mla-kv-rank`` 11 and ``--all-mla-rope-dim`` 8: (11 + 8) / 384 = 4.95%).
+* SMART measures the ILD'd all-Mamba2 student on the held-out windows and picks ``--n-mla`` layers.
+* Rows: the teacher; the untrained hybrid (SMART's layers, ``hybridize`` init); after ILD (no KD);
+  after ILD + KD for SMART's choice, evenly spaced MLA layers, first-and-last (the first ⌈K/2⌉ and last
+  ⌊K/2⌋ layers) at the same K; all-MLA at a similar KV fraction; a 50%-attention MambaInLlama-style
+  hybrid (attention kept in the even layers, ILD'd Mamba2 in the odd ones). KD: ``--kd-tokens`` tokens
+  (``--batch-size`` windows per step), lr ``--lr``, KL(teacher ‖ student) at temperature 1.
+* Columns: KV cache fraction (:func:`compress.metrics.cost.kv_cache_fraction`); WikiText-2 test
+  perplexity at ``--eval-seqlen`` over the first ``--windows`` non-overlapping windows, and on the same
+  windows the mean KL(teacher ‖ model) and top-1 agreement with the teacher
+  (:func:`compress.metrics.fidelity.perplexity_and_fidelity`); decode tokens/s after a prefill of
+  ``--decode-context`` random tokens (``--decode-steps`` greedy steps after 2 untimed ones); training
+  tokens (the distinct ILD and KD tokens the row was trained on) and training wall time (the ILD the
+  row needs: all of it, half for the 50%-attention row whose MLA mixers go unused, the all-MLA row's
+  own; SMART's measurement for the SMART rows; KD without the curve's evaluations).
+* Curve: for SMART's row, perplexity on the first ``--curve-windows`` windows at ``--curve-points``
+  evenly spaced KD steps, against KD tokens: where the budget a GPU box needs can be read.
+
+    .venv/bin/python -m evaluation.bench_distill --out evaluation/results/distill-smollm2.md
+
+Expected cost on the 2-core development CPU, from the measured forward speed (eval-smollm2.md: ~280
+tokens/s): ILD ≈ 35 min (both mixers and the all-MLA ILD), KD ≈ 15 min per trained row (16 steps of
+8 × 512 tokens) × 5 rows, evaluation ≈ 6 min per row × 9 rows: about 2 h of training, 3 h in all.
+
+Smoke test on a tiny model (seconds; not a measurement):
+
+    .venv/bin/python -m evaluation.bench_distill --model TINY_FOLDER --data FILE --seqlen 32 --ild-tokens 256 \\
+        --smart-tokens 64 --kd-tokens 256 --batch-size 4 --n-mla 1 --eval-seqlen 64 --windows 2 \\
+        --decode-context 64 --decode-steps 2 --curve-windows 1 --curve-points 2 --kv-rank 8 --rope-dim 4 \\
+        --all-mla-kv-rank 4 --all-mla-rope-dim 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def ild_bank(teacher, tokens, ranks, mixers, args) -> tuple[dict, float]:
+    from compress.distill.ild import ILDConfig, LayerDistillation
+    from compress.walk import walk
+
+    method = LayerDistillation(ILDConfig(q_rank=ranks[0], kv_rank=ranks[1], rope_dim=ranks[2], mixers=mixers,
+                                         epochs=args.ild_epochs, lr=args.ild_lr, seed=0))
+    method.prepare(teacher)
+    started = time.perf_counter()
+    walk(teacher, tokens, [method], device="cpu", batch_size=args.batch_size)
+    return method.bank, time.perf_counter() - started
+
+
+@torch.no_grad()
+def decode_speed(model, context: int, steps: int) -> float:
+    """Greedy decode tokens/s after a prefill of ``context`` random tokens (as evaluation/bench_hybrid.py)."""
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
+    for i in range(steps + 2):
+        if i == 2:
+            started = time.perf_counter()
+        out = model(input_ids=nxt, cache=cache, use_cache=True)
+        cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
+    return steps / (time.perf_counter() - started)
+
+
+def measure(name, model, teacher, stream, args, train_tokens: int, train_seconds: float) -> dict:
+    from compress.metrics.cost import is_hybrid, kv_cache_fraction
+    from compress.metrics.fidelity import perplexity_and_fidelity
+
+    started = time.perf_counter()
+    ppl, fid = perplexity_and_fidelity(model, teacher, stream, args.eval_seqlen, args.windows)
+    row = {"row": name, "kv_fraction": kv_cache_fraction(model) if is_hybrid(model) else 1.0,
+           "perplexity": ppl.perplexity, "kl": fid.kl_divergence, "top1": fid.top1_agreement,
+           "decode_tok_s": decode_speed(model, args.decode_context, args.decode_steps),
+           "train_tokens": train_tokens, "train_seconds": round(train_seconds, 1),
+           "layers": getattr(model.config, "layer_types", None), "eval_seconds": round(time.perf_counter() - started)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def kd(student, teacher, plan, args, curve: list | None, stream) -> tuple[int, float]:
+    """KD on the plan's windows; returns (KD tokens, training seconds without the curve's evaluations)."""
+    from compress.distill.kd import train_kd
+    from compress.metrics.perplexity import perplexity
+    from compress.train.loop import TrainConfig, make_accelerator
+
+    points = {max(1, round(plan.kd_steps * (i + 1) / args.curve_points)) for i in range(args.curve_points)}
+    per_step = args.batch_size * args.seqlen
+    evaluating = [0.0]
+
+    def point(step):
+        started = time.perf_counter()
+        student.eval()
+        value = perplexity(student, stream, args.eval_seqlen, None, args.curve_windows).perplexity
+        curve.append({"kd_tokens": step * per_step, "perplexity": value})
+        print(json.dumps({"curve": curve[-1]}), flush=True)
+        student.train()
+        evaluating[0] += time.perf_counter() - started
+
+    config = TrainConfig(steps=plan.kd_steps, lr=args.lr, batch_size=args.batch_size, seed=0)
+    started = time.perf_counter()
+    if curve is not None:
+        point(0)
+    train_kd(student, teacher, plan.kd_tokens, None, config, make_accelerator(1, "cpu"),
+             on_step=lambda step, state: point(step) if curve is not None and step in points else None)
+    return int(plan.kd_tokens.numel()), time.perf_counter() - started - evaluating[0]
+
+
+def placements(n: int, k: int, smart: list[int]) -> dict[str, list[int]]:
+    from compress.distill.smart import evenly_spaced
+
+    first_last = sorted(set(range(-(-k // 2))) | set(range(n - k // 2, n)))
+    return {"SMART": smart, "evenly spaced": evenly_spaced(n, k), "first and last": first_last}
+
+
+def run(args) -> tuple[list[dict], list[dict], dict]:
+    import compress
+    from compress.data import evaluation_stream
+    from compress.distill.config import DistillConfig
+    from compress.distill.kd import assemble, load_mixer
+    from compress.distill.plan import make_plan
+    from compress.distill.smart import choose_layers, measure_sensitivities
+    from compress.hybrid.build import build_mixer, hybrid_config, hybridize, parent_shape
+
+    loaded = compress.load(args.model)
+    teacher, tok = loaded.model.eval(), loaded.tokenizer
+    stream = evaluation_stream(tok, "wikitext2")
+    config = DistillConfig(data=args.data, seqlen=args.seqlen, ild_tokens=args.ild_tokens,
+                           smart_tokens=args.smart_tokens, kd_tokens=args.kd_tokens, batch_size=args.batch_size,
+                           n_mla=args.n_mla, kv_rank=args.kv_rank, rope_dim=args.rope_dim)
+    plan = make_plan(teacher, tok, config)
+    n, ranks = plan.layers, plan.ranks
+    rows = [measure("teacher", teacher, teacher, stream, args, 0, 0.0)]
+    bank, ild_s = ild_bank(teacher, plan.ild_tokens, ranks, ["mla", "mamba2"], args)
+    ild_tokens = int(plan.ild_tokens.numel())
+
+    mla_config = hybrid_config(teacher.config, parent_shape(teacher), ["mla"] * n, *ranks)
+    student = assemble(teacher, bank, ["mamba2"] * n, ranks)
+    started = time.perf_counter()
+    smart = measure_sensitivities(
+        student, teacher, lambda i: load_mixer(build_mixer(mla_config, i, "mla"), bank[i]["mla"]),
+        plan.smart_tokens, args.batch_size, "cpu")
+    smart["chosen"] = choose_layers(smart["sensitivity"], plan.n_mla)
+    smart_s = time.perf_counter() - started
+    del student
+    chosen = smart["chosen"]
+
+    def types(mla):
+        return ["mla" if i in mla else "mamba2" for i in range(n)]
+
+    untrained = hybridize(teacher, mla_layers=chosen, q_rank=ranks[0], kv_rank=ranks[1], rope_dim=ranks[2])
+    rows.append(measure("untrained hybrid (SMART layers)", untrained, teacher, stream, args, 0, 0.0))
+    rows.append(measure("after ILD (SMART layers)", assemble(teacher, bank, types(chosen), ranks), teacher, stream,
+                        args, ild_tokens, ild_s + smart_s))
+    curve: list[dict] = []
+    for label, mla in placements(n, plan.n_mla, chosen).items():
+        student = assemble(teacher, bank, types(mla), ranks)
+        tokens, seconds = kd(student, teacher, plan, args, curve if label == "SMART" else None, stream)
+        rows.append(measure(f"ILD + KD, {label} {mla}", student, teacher, stream, args, ild_tokens + tokens,
+                            ild_s + (smart_s if label == "SMART" else 0.0) + seconds))
+    half = ["attention" if i % 2 == 0 else "mamba2" for i in range(n)]
+    student = assemble(teacher, bank, half, ranks)
+    tokens, seconds = kd(student, teacher, plan, args, None, stream)
+    rows.append(measure("ILD + KD, 50% attention (MambaInLlama-style)", student, teacher, stream, args,
+                        ild_tokens + tokens, ild_s / 2 + seconds))  # only its Mamba2 mixers' half of the ILD
+    small = (ranks[0], args.all_mla_kv_rank, args.all_mla_rope_dim)
+    mla_bank, mla_s = ild_bank(teacher, plan.ild_tokens, small, ["mla"], args)
+    student = assemble(teacher, mla_bank, ["mla"] * n, small)
+    tokens, seconds = kd(student, teacher, plan, args, None, stream)
+    rows.append(measure(f"ILD + KD, all-MLA r_kv {small[1]} d_rope {small[2]}", student, teacher, stream, args,
+                        ild_tokens + tokens, mla_s + seconds))
+    return rows, curve, {"smart": smart, "plan": plan.summary(), "ild_seconds": ild_s, "smart_seconds": smart_s}
+
+
+def report(rows, curve, extra, args) -> list[str]:
+    teacher_ppl = rows[0]["perplexity"]
+    lines = [f"# Zebra-Llama distillation of {args.model}", "", "Protocol: evaluation/bench_distill.py "
+             f"(r_kv {args.kv_rank}, d_rope {args.rope_dim}, seqlen {args.seqlen}, ILD {args.ild_tokens} tokens × {args.ild_epochs} epoch(s) at lr {args.ild_lr}, "
+             f"KD {args.kd_tokens} tokens at lr {args.lr}, batch {args.batch_size}; perplexity @{args.eval_seqlen}, "
+             f"first {args.windows} windows; decode after {args.decode_context} tokens; {args.threads} threads).", "",
+             "| row | KV % | ppl | ppl ÷ teacher | KL | top-1 | decode tok/s | train tokens | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['row']} | {100 * r['kv_fraction']:.2f} | {r['perplexity']:.2f} | "
+                     f"{r['perplexity'] / teacher_ppl:.2f} | {r['kl']:.4f} | {r['top1']:.3f} | "
+                     f"{r['decode_tok_s']:.2f} | {r['train_tokens']} | {r['train_seconds']} |")
+    smart = extra["smart"]
+    lines += ["", f"SMART chose {smart['chosen']}; sensitivities (KL drop when the layer alone is MLA): "
+              + ", ".join(f"{i}: {s:.4f}" for i, s in enumerate(smart["sensitivity"])), "",
+              f"Perplexity against KD tokens (SMART's layers, first {args.curve_windows} windows):", "",
+              "| KD tokens | ppl |", "|---|---|"]
+    lines += [f"| {p['kd_tokens']} | {p['perplexity']:.2f} |" for p in curve]
+    if len(curve) >= 3 and all(p["perplexity"] > 0 for p in curve[1:]):
+        (x0, y0), (x1, y1) = [(math.log(p["kd_tokens"]), math.log(p["perplexity"])) for p in (curve[-2], curve[-1])]
+        slope = (y1 - y0) / (x1 - x0) if x1 > x0 else 0.0
+        goal = math.log(1.5 * teacher_ppl)
+        if y1 <= goal:
+            reach = f"; already within 1.5× the teacher's perplexity ({1.5 * teacher_ppl:.2f})"
+        elif slope < 0:
+            reach = (f"; at that rate 1.5× the teacher's perplexity ({1.5 * teacher_ppl:.2f}) needs about "
+                     f"{math.exp(x1 + (goal - y1) / slope):.3g} KD tokens")
+        else:
+            reach = "; not falling: the curve gives no budget"
+        lines += ["", f"Last segment: ppl ∝ tokens^{slope:.3f}{reach}"]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default="wikitext2")
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--ild-tokens", type=int, default=32768)
+    parser.add_argument("--ild-epochs", type=int, default=2)
+    parser.add_argument("--ild-lr", type=float, default=1e-3)
+    parser.add_argument("--smart-tokens", type=int, default=4096)
+    parser.add_argument("--kd-tokens", type=int, default=65536)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--n-mla", type=int, default=4)
+    parser.add_argument("--kv-rank", type=int, default=112)
+    parser.add_argument("--rope-dim", type=int, default=32)
+    parser.add_argument("--all-mla-kv-rank", type=int, default=11)
+    parser.add_argument("--all-mla-rope-dim", type=int, default=8)
+    parser.add_argument("--eval-seqlen", type=int, default=2048)
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--decode-context", type=int, default=8192)
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--curve-windows", type=int, default=8)
+    parser.add_argument("--curve-points", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    rows, curve, extra = run(args)
+    lines = report(rows, curve, extra, args) + ["", f"Wall time {time.time() - started:.0f} s."]
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps({"rows": rows, "curve": curve, **extra}, indent=1,
+                                                                  default=str))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("COMPRESS_PROGRESS", "0")
+    main()

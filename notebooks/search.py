@@ -1,0 +1,163 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Search: is a searched sub-network better than a pruned one of the same size?
+#
+# **Question.** LLaMA-NAS (`compress search`) searches which layers to keep and how wide each one's
+# attention and FFN stay, for the Pareto front of KL to the parent against decoder parameters. At the
+# same size, do its sub-networks beat what SlimGPT, FLAP and ShortGPT prune, and by how much does
+# SlimGPT's OBS compensation of the searched widths help?
+#
+# A small search runs on the calibration tokens (`compress.search.Search`); every method then prunes a
+# fresh copy of the model on the same tokens, and each pruned model is scored by the same evaluator as
+# the search's candidates (KL to the parent on the calibration tokens, `--compare` in the CLI), so the
+# front and the points are on one scale. Then a front member at `budget` is exported plain and
+# compensated, and its held-out perplexity compared with the others'.
+#
+# The defaults run on a 2-core CPU in a few minutes (8 × 128 calibration tokens, population 8 for 2
+# generations). The study at full size: `calib_samples=16, population=16, generations=8` (the CLI's
+# defaults, `evaluation/results/search-smollm2.md`).
+
+# %% tags=["parameters"]
+model: str = "smollm2-135m"  # an alias, a Hugging Face folder or a GGUF file
+budget: float = 0.7  # the size compared: a fraction of the parent's decoder parameters
+space: str = "full"  # llama-nas (depth, FFN width) or full (also attention width)
+population: int = 8
+generations: int = 2
+ffn_step: int = 64
+data: str = "wikitext2"  # calibration (train excerpt) and evaluation (test split) text
+calib_samples: int = 8
+calib_seqlen: int = 128
+eval_seqlen: int = 256
+eval_windows: int = 4
+threads: int = 1  # torch threads (1 is the fastest on a shared 2-core CPU; 0: torch's default)
+out_dir: str = "results"  # the figure (PNG) and the numbers (JSON)
+work_dir: str | None = None  # where the search folder and exported models go (None: a temporary folder)
+
+# %%
+import study
+from compress.errors import CompressError
+
+settings = study.check_parameters(globals(), __annotations__, "search")
+if not 0 < budget < 1:
+    raise CompressError(f"search: budget must be in (0, 1), got {budget}")
+
+# %% [markdown]
+# ## The search
+
+# %%
+import copy
+import time
+
+import matplotlib.pyplot as plt
+import torch
+from transformers.utils import logging as hf_logging
+
+import compress
+from compress.search.export import export_subnet
+from compress.search.run import Search, SearchConfig
+
+hf_logging.disable_progress_bar()
+if threads:
+    torch.set_num_threads(threads)
+started = time.perf_counter()
+work = study.work_folder(work_dir)
+budgets = sorted({round(budget - 0.15, 2), budget, round(min(budget + 0.15, 0.95), 2)})
+config = SearchConfig(space=space, budgets=budgets, population=population, generations=generations,
+                      ffn_step=ffn_step, data=data, samples=calib_samples, seqlen=calib_seqlen)
+search = Search(model, work / "run", config, device="cpu")
+record = search.run()
+front = record["front"]
+print(study.table(front, ["pick", "params", "kl", "ppl", "depth", "milp_budget"]))
+
+# %% [markdown]
+# ## The pruning methods at the same size, scored like the candidates
+
+# %%
+from compress.data import calibration_tokens
+from compress.search.objectives import Evaluator
+from compress.search.space import SearchSpace
+from compress.search.subnet import reorder
+
+parent = compress.load(model)
+tokens = calibration_tokens(parent.model, parent.tokenizer, data, calib_samples, calib_seqlen, seed=0)
+scorer_model = copy.deepcopy(parent.model)
+scorer_space = SearchSpace(**record["space"])
+evaluator = Evaluator(scorer_model, scorer_space, tokens, device="cpu")  # the parent's outputs, kept once
+METHODS = {"slimgpt-log": ("slimgpt", {"schedule": "log"}), "flap": ("flap", {}), "shortgpt": ("shortgpt", {})}
+points = []
+for name, (method, options) in METHODS.items():
+    pruned = copy.deepcopy(parent.model)
+    compress.prune(pruned, method=method, tokens=tokens, device="cpu", ratio=round(1 - budget, 4), **options)
+    points.append({"label": name, "model": pruned, **evaluator.reference_point(pruned)})
+print(study.table(points, ["label", "params", "kl", "ppl", "depth"]))
+
+# %% [markdown]
+# ## A front member at the budget, plain and compensated, on held-out text
+
+# %%
+protocol = dict(data=data, seqlen=eval_seqlen, windows=eval_windows, tokenizer=parent.tokenizer)
+rows = [{"row": "parent", "params": 1.0, "perplexity": compress.evaluate(parent.model, **protocol)["perplexity"]}]
+for compensate in ("none", "slimgpt"):
+    folder = export_subnet(work / "run", work / f"searched-{compensate}", budget=budget, compensate=compensate,
+                           device="cpu")
+    searched = compress.load(folder).model
+    rows.append({"row": f"search ({compensate})", **evaluator.reference_point(searched),
+                 "perplexity": compress.evaluate(searched, **protocol)["perplexity"]})
+    points.append({"label": f"search+{compensate}", **{k: rows[-1][k] for k in ("params", "kl", "ppl")}})
+for point in points[:len(METHODS)]:
+    rows.append({"row": point["label"], "params": point["params"], "kl": point["kl"],
+                 "perplexity": compress.evaluate(point.pop("model"), **protocol)["perplexity"]})
+print(study.table(rows, ["row", "params", "kl", "perplexity"]))
+
+# %% [markdown]
+# ## The front against the pruning methods
+#
+# Grey: every evaluated candidate; blue: the front; squares: the pruning methods and the exported
+# member at the budget, all scored on the same calibration tokens against the same parent.
+
+# %%
+fig, (ax_front, ax_ppl) = plt.subplots(1, 2, figsize=(13, 4.5))
+ax_front.scatter([r["params"] for r in record["candidates"]], [r["kl"] for r in record["candidates"]], s=10,
+                 color="0.7", label="evaluated")
+ax_front.plot([r["params"] for r in front], [r["kl"] for r in front], "o-", color="C0", label="front")
+for i, point in enumerate(points):
+    ax_front.scatter([point["params"]], [point["kl"]], marker="s", s=50, color=f"C{i + 1}", label=point["label"])
+ax_front.axvline(budget, color="0.8", lw=0.8)
+ax_front.set_xlabel("decoder parameters (fraction of the parent)")
+ax_front.set_ylabel(f"KL to the parent (calibration, {calib_samples} × {calib_seqlen})")
+ax_front.set_yscale("log")
+ax_front.legend(fontsize=8)
+ax_front.grid(True, which="both", alpha=0.3)
+named = rows[1:]
+ax_ppl.bar([r["row"] for r in named], [r["perplexity"] for r in named], color=[f"C{i + 1}" for i in range(len(named))])
+ax_ppl.axhline(rows[0]["perplexity"], color="k", ls="--", label="parent")
+ax_ppl.set_ylabel(f"perplexity ({data} @{eval_seqlen} × {eval_windows} windows)")
+ax_ppl.set_yscale("log")
+ax_ppl.tick_params(axis="x", labelrotation=20, labelsize=8)
+ax_ppl.legend(fontsize=8)
+fig.suptitle(f"{model}: {space} search ({len(record['candidates'])} candidates) vs pruning at {budget:.0%} "
+             "of the decoder parameters")
+fig.tight_layout()
+png = study.save_figure(fig, out_dir, "search")
+plt.show()
+
+# %%
+results = study.write_results(out_dir, "search", {
+    "parameters": settings, "front": front, "points": points, "rows": rows,
+    "search_seconds": record["seconds"], "seconds": round(time.perf_counter() - started, 1)})
+study.remove_work_folder(work, work_dir)
+print(f"wrote {png} and {results} in {time.perf_counter() - started:.0f} s")
