@@ -79,7 +79,15 @@ class SearchConfig:
 
 
 def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    """(rank, world) of this process: under torchrun / accelerate launch (WORLD_SIZE > 1 in the environment)
+    the process group is started here if the launcher did not (NCCL with CUDA, else gloo)."""
+    if not torch.distributed.is_available():
+        return 0, 1
+    if not torch.distributed.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if torch.cuda.is_available():  # one GPU per process: "cuda" then means this process's own
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
