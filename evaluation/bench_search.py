@@ -99,6 +99,12 @@ def main() -> None:
     ap.add_argument("--tau", type=int, default=10, help="front members exported for Kendall's τ")
     ap.add_argument("--work", default="/tmp/bench_search")
     ap.add_argument("--out", default=None, help="append the results (markdown) to this file")
+    ap.add_argument("--prune-samples", type=int, default=32,
+                    help="calibration of the pruning baselines: the same tokens as --compensate slimgpt's")
+    ap.add_argument("--prune-seqlen", type=int, default=256)
+    ap.add_argument("--baselines-only", action="store_true",
+                    help="only the pruning baselines at every budget (and the parent), on the pruning calibration")
+    ap.add_argument("--baselines", nargs="+", default=list(BASELINES), help="with --baselines-only: which")
     ap.add_argument("--reuse-search", action="store_true",
                     help="keep --work/run from an earlier run with the same settings: the search replays from its "
                          "recorded scores (its first run's wall time is reported)")
@@ -124,9 +130,22 @@ def main() -> None:
     loaded = load_model(source)
     parent, tokenizer = loaded.model, loaded.tokenizer
     tokens = calibration_tokens(parent, tokenizer, "wikitext2", args.samples, args.seqlen, 0)
+    prune_tokens = calibration_tokens(parent, tokenizer, "wikitext2", args.prune_samples, args.prune_seqlen, 0)
     meter = Meter(args, tokenizer, parent)
     rows = [{"row": "parent", "budget": 1.0, **meter(parent), "seconds": 0.0}]
     print(json.dumps(rows[-1]), flush=True)
+    if args.baselines_only:
+        for budget in args.budgets:
+            for name in args.baselines:
+                method, options = BASELINES[name]
+                model = load_model(source, tokenizer=False).model
+                start = time.perf_counter()
+                compress.prune(model, method=method, tokens=prune_tokens, device="cpu", ratio=round(1 - budget, 4),
+                               **options)
+                rows.append({"row": name, "budget": budget, **meter(model),
+                             "seconds": round(time.perf_counter() - start, 1)})
+                print(json.dumps(rows[-1]), flush=True)
+        return report_baselines(args, rows)
     start = time.perf_counter()
     with torch.no_grad():
         for b in range(0, tokens.shape[0], 8):
@@ -155,7 +174,8 @@ def main() -> None:
         for name, (method, options) in BASELINES.items():
             model = load_model(source, tokenizer=False).model
             start = time.perf_counter()
-            compress.prune(model, method=method, tokens=tokens, device="cpu", ratio=round(1 - budget, 4), **options)
+            compress.prune(model, method=method, tokens=prune_tokens, device="cpu", ratio=round(1 - budget, 4),
+                           **options)
             seconds = time.perf_counter() - start
             compress.save(model, work / f"{name}-{budget}")  # for --speed-only
             add(name, budget, model, seconds)
@@ -186,6 +206,24 @@ def main() -> None:
     tau_proxy = kendall_tau([r["proxy"] for r in tau_rows], [r["ppl"] for r in tau_rows])
     tau_kl = kendall_tau([r["kl"] for r in tau_rows], [r["ppl"] for r in tau_rows])
     report(args, rows, tau_rows, tau_proxy, tau_kl, record, search_seconds, forward, time.perf_counter() - started)
+
+
+def report_baselines(args, rows) -> None:
+    import os
+
+    lines = [f"\n## {datetime.date.today()} — `python -m evaluation.bench_search --baselines-only --windows "
+             f"{args.windows}` (baselines on the compensation's calibration)\n",
+             f"The pruning baselines calibrated on {args.prune_samples} × {args.prune_seqlen} WikiText-2 train tokens "
+             "(seed 0): the same tokens `--compensate slimgpt` uses, so these rows compare with the search + "
+             f"compensate rows above. Same metrics; load average at the end {os.getloadavg()[0]:.1f}.\n",
+             "| row | budget | decoder params | ppl@2048 | KL | top-1 | seconds |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['row']} | {r['budget']:.2f} | {r['decoder_params'] / 1e6:.1f} M | {r['ppl']:.2f} | {r['kl']:.3f} | "
+              f"{r['top1']:.3f} | {r['seconds']} |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text)
 
 
 def speed_only(args) -> None:
