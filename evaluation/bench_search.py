@@ -208,6 +208,15 @@ def main() -> None:
     report(args, rows, tau_rows, tau_proxy, tau_kl, record, search_seconds, forward, time.perf_counter() - started)
 
 
+def emit(lines: list[str], out: str | None) -> None:
+    """Print a result section and append it to ``out`` (markdown) when given."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        with open(out, "a") as f:
+            f.write(text)
+
+
 def report_baselines(args, rows) -> None:
     import os
 
@@ -219,11 +228,7 @@ def report_baselines(args, rows) -> None:
              "| row | budget | decoder params | ppl@2048 | KL | top-1 | seconds |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['row']} | {r['budget']:.2f} | {r['decoder_params'] / 1e6:.1f} M | {r['ppl']:.2f} | {r['kl']:.3f} | "
               f"{r['top1']:.3f} | {r['seconds']} |" for r in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text)
+    emit(lines, args.out)
 
 
 def speed_only(args) -> None:
@@ -246,11 +251,7 @@ def speed_only(args) -> None:
         params = sum(p.numel() for layer in model.model.layers for p in layer.parameters())
         lines.append(f"| {folder.name} | {params / 1e6:.1f} M | {prefill / base[0]:.2f} | {decode / base[1]:.2f} |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text)
+    emit(lines, args.out)
 
 
 def report(args, rows, tau_rows, tau_proxy, tau_kl, record, search_seconds, forward, total) -> None:
@@ -278,11 +279,7 @@ def report(args, rows, tau_rows, tau_proxy, tau_kl, record, search_seconds, forw
               "| pick | params | proxy | calib KL | ppl@2048 |", "|---|---|---|---|---|"]
     lines += [f"| {r['pick']} | {r['params']:.3f} | {r['proxy']:.3f} | {r['kl']:.4f} | {r['ppl']:.2f} |"
               for r in tau_rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

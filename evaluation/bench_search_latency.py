@@ -23,6 +23,7 @@ import torch
 
 import compress
 from compress.search.export import export_subnet
+from evaluation.bench_search import emit
 from compress.search.run import Search, SearchConfig
 
 
@@ -86,11 +87,7 @@ def main() -> None:
     errors = [abs(pf - mf) / mf for _, _, _, _, pf, mf in rows]
     lines.append(f"\nRelative error of the predicted fraction of the parent's time: mean {statistics.mean(errors):.1%}, "
                  f"max {max(errors):.1%}.")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ def kv_cache_bytes_per_token(model: torch.nn.Module, dtype_bytes: int | None = N
         if hasattr(attn, "kv_values_per_token"):
             total += attn.kv_values_per_token() * dtype_bytes
             continue
+        if not hasattr(attn, "k_proj"):  # a searched layer without attention (NoAttention) caches nothing
+            continue
         total += 2 * attn.k_proj.out_features * dtype_bytes  # k_proj rows = kv_heads · head_dim
     return total
 

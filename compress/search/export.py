@@ -24,6 +24,7 @@ from pathlib import Path
 
 from compress.errors import CompressError
 from compress.methods.slimgpt.method import SlimGPT
+from compress.search.record import read_profile
 from compress.search.run import FRONT_FILE, PROFILE_FILE, SEARCH_FILE, SUPERNET_FILE, model_fingerprint
 from compress.search.space import Option, SearchSpace
 
@@ -105,8 +106,8 @@ def prepare_parent(model, search: dict, profile: dict, run: Path) -> None:
     from compress.search.subnet import reorder
 
     space = SearchSpace(**search["space"])
-    reorder(model, space, {int(k): v for k, v in profile["heads"].items()},
-            {int(k): v for k, v in profile["channels"].items()})
+    orders = read_profile(profile)
+    reorder(model, space, orders["heads"], orders["channels"])
     if search.get("supernet"):
         from safetensors.torch import load_file
 

@@ -92,13 +92,14 @@ class Evaluator:
     def reference_point(self, model) -> dict:
         """Quality and costs of another compressed model of the same parent (``--compare``), on the same
         tokens: its decoder parameters and KV bytes counted as the space counts a candidate's."""
-        from compress.arch import layout, projection_parameters
+        from compress.arch import layout
+        from compress.metrics.cost import kv_cache_bytes_per_token
         from compress.search.space import KV_BYTES
 
         lay = layout(model)
         s = self.space
-        parameters = sum(projection_parameters(lay.hidden, lay.head_dim, *w) + 2 * lay.hidden for w in lay.layers)
-        kv = sum(2 * w.kv_heads * lay.head_dim * KV_BYTES for w in lay.layers)
+        parameters = lay.parameters() + 2 * lay.hidden * lay.depth  # projections + each layer's two norms
+        kv = kv_cache_bytes_per_token(model, KV_BYTES)
         model.to(self.device).eval()
         return {**self._quality(model), "params": parameters / s.parent_parameters,
                 "kv": kv / s.parent_kv_bytes if s.parent_kv_bytes else 0.0, "parameters": parameters,

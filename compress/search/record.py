@@ -28,6 +28,14 @@ def write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
+def read_profile(stored: dict) -> dict:
+    """profile.json's content with int layer keys and Option keys (JSON has only strings)."""
+    return {"heads": {int(k): v for k, v in stored["heads"].items()},
+            "channels": {int(k): v for k, v in stored["channels"].items()},
+            "scores": [{option(k): v for k, v in layer.items()} for layer in stored["scores"]],
+            "latency": stored.get("latency"), "seconds": stored.get("seconds")}
+
+
 def option(key: str) -> Option:
     """The option a profile.json key (\"a,f\") names."""
     a, f = key.split(",")

@@ -31,7 +31,7 @@ import torch
 from compress.errors import CompressError
 from compress.search.front import pareto_front, plot_front
 from compress.search.objectives import Evaluator, check_objectives
-from compress.search.record import config_record, differences, model_fingerprint, option, write_json  # noqa: F401  (model_fingerprint: re-exported)
+from compress.search.record import config_record, differences, model_fingerprint, read_profile, write_json  # noqa: F401  (model_fingerprint: re-exported)
 from compress.search.space import SPACES, UNITS, SearchSpace
 
 log = logging.getLogger(__name__)
@@ -230,11 +230,7 @@ class Search:
         """(profile, what to store in profile.json, None when it was read from there)."""
         path = self.out / PROFILE_FILE
         if self.resume and path.is_file():
-            stored = json.loads(path.read_text())
-            return {"heads": {int(k): v for k, v in stored["heads"].items()},
-                    "channels": {int(k): v for k, v in stored["channels"].items()},
-                    "scores": [{option(k): v for k, v in layer.items()} for layer in stored["scores"]],
-                    "latency": stored.get("latency"), "seconds": stored.get("seconds")}, None
+            return read_profile(json.loads(path.read_text())), None
         from compress.search.profile import SearchProfile
         from compress.walk import walk
 
@@ -256,9 +252,7 @@ class Search:
                   "scores": [{f"{o.a},{o.f}": profiler.scores[i][f"{o.a},{o.f}"] for o in space.options()}
                              for i in range(space.depth)],
                   "latency": latency, "seconds": round(time.perf_counter() - start, 1)}
-        return {"heads": profiler.heads, "channels": profiler.channels,
-                "scores": [{option(k): v for k, v in layer.items()} for layer in stored["scores"]],
-                "latency": latency, "seconds": stored["seconds"]}, stored
+        return read_profile(json.loads(json.dumps(stored))), stored
 
     def _supernet(self, model, tokenizer, space, device, recorded) -> dict | None:
         c = self.config

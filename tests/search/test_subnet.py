@@ -57,6 +57,9 @@ def test_view_equals_materialized_and_reloaded_model(unit, tmp_path, one_thread)
         widths = layout(built)
         expected = [space.widths(o) for o in choice if o != (0, 0)]
         assert [tuple(w) for w in widths.layers] == expected
+        from compress.metrics.cost import kv_cache_bytes_per_token  # layers without attention cache nothing
+
+        assert kv_cache_bytes_per_token(built, 2) == space.kv_bytes(choice)
         assert widths.kept_layers == [i for i, o in enumerate(choice) if o != (0, 0)]
         folder = compress.save(built, tmp_path / f"{unit}-{k}")
         reloaded = compress.load(folder).model
