@@ -71,4 +71,7 @@ class PeftExporter(Exporter):
             model = load_model(base, dtype=dtype, device=device, tokenizer=False).model
         except CompressError as exc:
             raise CompressError(f"the adapter in {folder} needs its base model: {exc}") from None
-        return PeftModel.from_pretrained(model, str(folder)).eval()
+        from compress.methods.bone.adapter import quiet_peft
+
+        with quiet_peft():
+            return PeftModel.from_pretrained(model, str(folder)).eval()

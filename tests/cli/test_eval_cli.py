@@ -99,3 +99,27 @@ def test_default_verbosity_prints_no_info_lines(tiny_model_folder, tmp_path):
                       "--out", str(out), "--force"], capture_output=True, text=True, cwd=REPO, stdin=subprocess.DEVNULL,
                      timeout=300, env={**os.environ, "COMPRESS_PROGRESS": "0"})
     assert verbose.returncode == 0 and "INFO compress" in verbose.stderr
+
+
+@pytest.mark.parametrize("verb", ["prune", "eval", "adapt"])
+def test_default_verbosity_is_quiet_for_every_verb(verb, tiny_model_folder, tmp_path):
+    """prune, eval and adapt (quantize: above) print no INFO line, no FutureWarning and no other warning
+    category on stderr at the default verbosity."""
+    from tests.helpers.adapt import reverse_task, save_tiny_model, write_jsonl
+
+    if verb == "prune":
+        args = ["prune", str(tiny_model_folder), "--method", "slimgpt", "--ratio", "0.2", "--data", WIKI_TEST,
+                "--samples", "4", "--seqlen", "32", "--out", str(tmp_path / "p")]
+    elif verb == "eval":
+        args = ["eval", str(tiny_model_folder), "--data", WIKI_TEST, "--seqlen", "32", "--windows", "2",
+                "--reference", str(tiny_model_folder), "--cost"]
+    else:
+        model = save_tiny_model(tmp_path / "tiny")
+        data = write_jsonl(tmp_path / "pairs.jsonl", reverse_task(16, seed=1))
+        args = ["adapt", str(model), "--method", "bone", "--r", "8", "--data", str(data), "--steps", "2",
+                "--batch-size", "2", "--seqlen", "96", "--out", str(tmp_path / "a")]
+    result = subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True, cwd=REPO,
+                            stdin=subprocess.DEVNULL, timeout=300, env={**os.environ, "COMPRESS_PROGRESS": "0"})
+    assert result.returncode == 0, result.stderr
+    for noise in ("INFO", "FutureWarning", "DeprecationWarning", "UserWarning"):
+        assert noise not in result.stderr, result.stderr

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -94,7 +96,17 @@ def attach_adapter(model: torch.nn.Module, method: str, r: int, targets=ALL_PROJ
 
     check_rank(method, r, targeted_linears(model, targets, layers))
     torch.manual_seed(seed)  # LoRA's A is random; Bone/Bat start at zero
-    return get_peft_model(model, peft_config(method, r, targets, layers, lora_alpha, dropout))
+    with quiet_peft():
+        return get_peft_model(model, peft_config(method, r, targets, layers, lora_alpha, dropout))
+
+
+@contextmanager
+def quiet_peft():
+    """peft (0.18) reads ``model.is_gradient_checkpointing``, a property transformers 5 deprecated with a
+    FutureWarning on every read; the warning is about peft's call, not the user's: hidden here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:
