@@ -201,6 +201,15 @@ def materialize_gguf(path: Path) -> Path:
     return target
 
 
+def _is_quantized_folder(spec) -> bool:
+    """A folder whose config.json carries a quantization_config (compressed-tensors and the like)."""
+    config = Path(spec) / "config.json"
+    try:
+        return config.is_file() and "quantization_config" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu",
                tokenizer: bool = True) -> LoadedModel:
     """Load a model for compression. Errors a user can fix are raised as CompressError."""
@@ -209,6 +218,10 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     from compress.modeling_pruned import register_auto_classes
 
     register_auto_classes()  # per-layer-width pruned models (model_type compress_llama) load without remote code
+    if _is_quantized_folder(spec):
+        from compress.progress import silence_third_party_bars
+
+        silence_third_party_bars()
     path, model = _load_with_exporter(spec, dtype, device)
     if model is None:
         path = resolve_model_path(spec)

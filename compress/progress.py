@@ -29,3 +29,29 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: s
 def bar(desc: str, total: int, unit: str = "it"):
     """A manual bar (``update``/``set_postfix``/``close``); a no-op object when disabled."""
     return tqdm(desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True, disable=not _ENABLED)
+
+
+# compressed-tensors draws its own tqdm bars (nested, with cursor-up escapes) when it loads a quantized
+# checkpoint and again on its first forward: "Applying quantization config", "Compressing model",
+# "Dispatching model", "Decompressing model". They say nothing a user of compress needs: once a quantized
+# model is loaded they are off for the rest of the process.
+_THIRD_PARTY_BARS = ("compressed_tensors.compressors.model_compressors.model_compressor",
+                     "compressed_tensors.quantization.lifecycle.apply", "compressed_tensors.offload.dispatch")
+
+
+def silence_third_party_bars() -> None:
+    import importlib
+
+    from tqdm import tqdm as plain
+
+    def silent(*args, **kwargs):
+        kwargs["disable"] = True
+        return plain(*args, **kwargs)
+
+    for name in _THIRD_PARTY_BARS:
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # another compressed-tensors layout, or none installed: nothing to quiet
+            continue
+        if getattr(module, "tqdm", None) is plain:
+            module.tqdm = silent

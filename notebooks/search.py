@@ -18,32 +18,39 @@
 #
 # **Question.** LLaMA-NAS (`compress search`) searches which layers to keep and how wide each one's
 # attention and FFN stay, for the Pareto front of KL to the parent against decoder parameters. At the
-# same size, do its sub-networks beat what SlimGPT, FLAP and ShortGPT prune, and by how much does
-# SlimGPT's OBS compensation of the searched widths help?
+# same size, do its sub-networks beat what SlimGPT, FLAP and ShortGPT prune, and does SlimGPT's
+# sequential OBS compensation of the searched widths do better than the search's own one-shot refit?
 #
 # A small search runs on the calibration tokens (`compress.search.Search`); every method then prunes a
 # fresh copy of the model on the same tokens, and each pruned model is scored by the same evaluator as
 # the search's candidates (KL to the parent on the calibration tokens, `--compare` in the CLI), so the
-# front and the points are on one scale. Then a front member at `budget` is exported plain and
-# compensated, and its held-out perplexity compared with the others'.
+# front and the points are on one scale. Then a front member at `budget` is exported
+# as the search scored it (its kept o_proj / down_proj columns refit by OBS to the parent's outputs) and
+# re-derived by SlimGPT's sequential OBS walk at the searched widths, and its held-out perplexity
+# compared with the others'.
 #
-# The defaults run on a 2-core CPU in a few minutes (8 × 128 calibration tokens, population 8 for 2
-# generations). The study at full size: `calib_samples=16, population=16, generations=8` (the CLI's
-# defaults, `evaluation/results/search-smollm2.md`).
+# The defaults run on the idle 2-core CPU in about 2 minutes (KL on 2 × 256 calibration tokens, the
+# profiling walk on 8 × 256, population 6 for 2 generations). The study at full size: `calib_samples=4,
+# calib_seqlen=512, obs_samples=32, population=16, generations=8` (the CLI's defaults,
+# `evaluation/results/search-smollm2.md`).
 
 # %% tags=["parameters"]
 model: str = "smollm2-135m"  # an alias, a Hugging Face folder or a GGUF file
 budget: float = 0.7  # the size compared: a fraction of the parent's decoder parameters
 space: str = "full"  # llama-nas (depth, FFN width) or full (also attention width)
-population: int = 8
+population: int = 6
 generations: int = 2
 ffn_step: int = 64
 data: str = "wikitext2"  # calibration (train excerpt) and evaluation (test split) text
-calib_samples: int = 8
-calib_seqlen: int = 128
+calib_samples: int = 2  # the KL's tokens (the CLI's default: 4 × 512)
+calib_seqlen: int = 256
+obs_samples: int = 8  # the profiling walk's tokens, for the candidates' OBS refit (the CLI's: 32 × 256)
+obs_seqlen: int = 256
 eval_seqlen: int = 256
-eval_windows: int = 4
-threads: int = 1  # torch threads (1 is the fastest on a shared 2-core CPU; 0: torch's default)
+eval_windows: int = 2
+compensate_samples: int = 16  # SlimGPT's calibration of the compensated export (the CLI's default: 32 × 256)
+compensate_seqlen: int = 128
+threads: int = 0  # torch threads (0: torch's default, every core; 1 is faster on a CPU shared with other jobs)
 out_dir: str = "results"  # the figure (PNG) and the numbers (JSON)
 work_dir: str | None = None  # where the search folder and exported models go (None: a temporary folder)
 
@@ -77,7 +84,8 @@ started = time.perf_counter()
 work = study.work_folder(work_dir)
 budgets = sorted({round(budget - 0.15, 2), budget, round(min(budget + 0.15, 0.95), 2)})
 config = SearchConfig(space=space, budgets=budgets, population=population, generations=generations,
-                      ffn_step=ffn_step, data=data, samples=calib_samples, seqlen=calib_seqlen)
+                      ffn_step=ffn_step, data=data, samples=calib_samples, seqlen=calib_seqlen,
+                      obs_samples=obs_samples, obs_seqlen=obs_seqlen)
 search = Search(model, work / "run", config, device="cpu")
 record = search.run()
 front = record["front"]
@@ -106,14 +114,14 @@ for name, (method, options) in METHODS.items():
 print(study.table(points, ["label", "params", "kl", "ppl", "depth"]))
 
 # %% [markdown]
-# ## A front member at the budget, plain and compensated, on held-out text
+# ## A front member at the budget, as searched and SlimGPT-compensated, on held-out text
 
 # %%
 protocol = dict(data=data, seqlen=eval_seqlen, windows=eval_windows, tokenizer=parent.tokenizer)
 rows = [{"row": "parent", "params": 1.0, "perplexity": compress.evaluate(parent.model, **protocol)["perplexity"]}]
-for compensate in ("none", "slimgpt"):
+for compensate in ("searched", "slimgpt"):
     folder = export_subnet(work / "run", work / f"searched-{compensate}", budget=budget, compensate=compensate,
-                           device="cpu")
+                           compensate_samples=compensate_samples, compensate_seqlen=compensate_seqlen, device="cpu")
     searched = compress.load(folder).model
     rows.append({"row": f"search ({compensate})", **evaluator.reference_point(searched),
                  "perplexity": compress.evaluate(searched, **protocol)["perplexity"]})

@@ -53,9 +53,16 @@ def search_group():
 @click.option("--gqa-unit", type=click.Choice(["query", "kv"]), default="query", show_default=True,
               help="Attention unit: one query head of every KV group, or whole KV groups.")
 @click.option("--min-depth", type=int, default=None, help="Fewest layers a sub-network keeps (default: half).")
+@click.option("--candidates", type=click.Choice(["obs", "slice"]), default="obs", show_default=True,
+              help="obs: score each candidate with its kept o_proj/down_proj columns refit to the parent's outputs "
+                   "(OBS, from the profiling walk's Gram matrices); slice: the plain slice of the parent.")
+@click.option("--obs-samples", type=int, default=32, show_default=True,
+              help="With --candidates obs: samples of the profiling walk (importance, option scores, the refit's "
+                   "Gram matrices), more than the KL's so that the refit does not fit the scoring tokens.")
+@click.option("--obs-seqlen", type=int, default=256, show_default=True, help="Tokens per --obs-samples sample.")
 @click.option("--data", default="wikitext2", show_default=True, help="Calibration text (or 'generate').")
-@click.option("--samples", type=int, default=8, show_default=True, help="Calibration samples.")
-@click.option("--seqlen", type=int, default=128, show_default=True, help="Tokens per calibration sample.")
+@click.option("--samples", type=int, default=4, show_default=True, help="Calibration samples (the KL's tokens).")
+@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sample.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Samples per forward.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data and of NSGA-II.")
 @click.option("--supernet-steps", type=int, default=0, show_default=True,
@@ -66,7 +73,8 @@ def search_group():
 @click.option("--resume", is_flag=True, help="Continue the search in --out (same flags).")
 @click.option("--json", "as_json", is_flag=True, help="Print the front as JSON.")
 @device_option
-def run_command(model, out, space, objectives, budget, population, generations, ffn_step, gqa_unit, min_depth, data,
+def run_command(model, out, space, objectives, budget, population, generations, ffn_step, gqa_unit, min_depth,
+                candidates, obs_samples, obs_seqlen, data,
                 samples, seqlen, batch_size, seed, supernet_steps, supernet_lr, compare, resume, as_json, device):
     """Search MODEL's sub-networks (depth, FFN width, attention width) for the Pareto front.
 
@@ -79,7 +87,8 @@ def run_command(model, out, space, objectives, budget, population, generations, 
     config = SearchConfig(space=space, gqa_unit=gqa_unit, objectives=[o.strip() for o in objectives.split(",")],
                           budgets=_floats(budget, "--budget"), population=population, generations=generations,
                           ffn_step=ffn_step, min_depth=min_depth, data=data, samples=samples, seqlen=seqlen,
-                          batch_size=batch_size, seed=seed, supernet_steps=supernet_steps, supernet_lr=supernet_lr)
+                          batch_size=batch_size, seed=seed, supernet_steps=supernet_steps, supernet_lr=supernet_lr,
+                          candidates=candidates, obs_samples=obs_samples, obs_seqlen=obs_seqlen)
     record = Search(model, out, config, device=device, resume=resume, compare=list(compare)).run()
     if as_json:
         print_json({"front": record["front"], "seconds": record["seconds"]})
@@ -99,8 +108,11 @@ def run_command(model, out, space, objectives, budget, population, generations, 
 @click.option("--pick", type=int, default=None, help="Front member K (the 'pick' column of front.json).")
 @click.option("--budget", type=float, default=None, help="The best front member within this fraction of the cost.")
 @click.option("--out", required=True, help="Output folder (must not exist unless --force).")
-@click.option("--compensate", type=click.Choice(["none", "slimgpt"]), default="none", show_default=True,
-              help="slimgpt: re-derive the kept weights with SlimGPT's OBS update at the searched widths.")
+@click.option("--compensate", type=click.Choice(["searched", "none", "obs", "slimgpt"]), default="searched",
+              show_default=True,
+              help="searched: the candidate as the search scored it (obs or a plain slice, per its --candidates); "
+                   "none: a plain slice; obs: the search's one-shot OBS refit; slimgpt: re-derive the kept "
+                   "weights with SlimGPT's sequential OBS walk at the searched widths.")
 @click.option("--compensate-samples", type=int, default=32, show_default=True,
               help="Calibration samples of --compensate slimgpt (the search's data source and seed).")
 @click.option("--compensate-seqlen", type=int, default=256, show_default=True,

@@ -3,7 +3,10 @@
 The parent is loaded again (the run records what was named and a fingerprint of it, checked), reordered
 with the run's importance orders (and given the super-network's trained layers when there are), then:
 
-* by default the kept prefixes become real tensors (:func:`compress.search.subnet.materialize`);
+* by default (``searched``) the candidate as the search scored it: the kept prefixes become real tensors
+  (:func:`compress.search.subnet.materialize`), their o_proj / down_proj columns OBS-refit when the search
+  scored OBS candidates (the factors re-derived by one walk of the parent on the search's tokens);
+  ``none`` is the plain slice, ``obs`` the refit whatever the search scored;
 * with ``compensate="slimgpt"`` the dropped layers and the removed attentions / MLPs go first, then a
   SlimGPT walk prunes every layer to exactly the searched widths, choosing the heads and channels by OBS
   and updating the kept o_proj / down_proj columns (search, then compensate);
@@ -29,7 +32,7 @@ from compress.search.run import FRONT_FILE, PROFILE_FILE, SEARCH_FILE, SUPERNET_
 from compress.search.space import Option, SearchSpace
 
 log = logging.getLogger(__name__)
-COMPENSATE = ("none", "slimgpt")
+COMPENSATE = ("searched", "none", "obs", "slimgpt")
 # SlimGPT's OBS needs more tokens than the search's KL: its Hessians are hidden × hidden and FFN × FFN
 COMPENSATE_SAMPLES, COMPENSATE_SEQLEN = 32, 256
 
@@ -64,7 +67,7 @@ def choose(front: list[dict], objectives: list[str], pick: int | None, budget: f
 
 
 def export_subnet(run: str | Path, out: str | Path, *, pick: int | None = None, budget: float | None = None,
-                  compensate: str = "none", distill: int = 0, distill_lr: float = 1e-4, distill_batch: int = 4,
+                  compensate: str = "searched", distill: int = 0, distill_lr: float = 1e-4, distill_batch: int = 4,
                   compensate_samples: int = COMPENSATE_SAMPLES, compensate_seqlen: int = COMPENSATE_SEQLEN,
                   model: str | None = None, device: str = "auto", force: bool = False) -> Path:
     from compress.export import check_output_path, release_output
@@ -84,10 +87,14 @@ def export_subnet(run: str | Path, out: str | Path, *, pick: int | None = None, 
         loaded = load_model(source)
         if model_fingerprint(loaded.model) != search["fingerprint"]:
             raise CompressError(f"{run} was searched on another model ({search['model']}), not {spec}")
+        compensate = resolve_compensate(compensate, search)
+        compensation = search_compensation(loaded.model, loaded.tokenizer, search, profile, device) \
+            if compensate == "obs" else None  # from the parent as loaded: before the reordering
         prepare_parent(loaded.model, search, profile, Path(run))
         built, details = build_searched(loaded.model, loaded.tokenizer, search, profile, member, compensate, distill,
                                         distill_lr, device, source=loaded.path or spec, distill_batch=distill_batch,
-                                        compensate_tokens=(compensate_samples, compensate_seqlen))
+                                        compensate_tokens=(compensate_samples, compensate_seqlen),
+                                        compensation=compensation)
         from compress.api import save
 
         record = {"command": "search export", "source": spec,
@@ -99,6 +106,27 @@ def export_subnet(run: str | Path, out: str | Path, *, pick: int | None = None, 
         return save(built, out, tokenizer=loaded.tokenizer, force=force, record=record, format="safetensors")
     finally:
         release_output(out)
+
+
+def resolve_compensate(compensate: str, search: dict) -> str:
+    """``searched`` → what the search scored (``obs`` or ``none``; a search before OBS candidates: none)."""
+    if compensate != "searched":
+        return compensate
+    return "obs" if search.get("config", {}).get("candidates", "slice") == "obs" else "none"
+
+
+def search_compensation(model, tokenizer, search: dict, profile: dict, device: str):
+    """The OBS factors of a recorded search: one walk of the parent (as loaded, not reordered) on the
+    search's own calibration tokens."""
+    from compress.search.compensation import profile_factors, profiling_tokens
+    from compress.search.run import SearchConfig
+    from compress.walk import resolve_device
+
+    space = SearchSpace(**search["space"])
+    config = SearchConfig(**{k: v for k, v in search["config"].items() if k in SearchConfig.__dataclass_fields__})
+    tokens = profiling_tokens(model, tokenizer, config)
+    return profile_factors(model, tokens, space, resolve_device(device), search["config"]["batch_size"],
+                           read_profile(profile))
 
 
 def prepare_parent(model, search: dict, profile: dict, run: Path) -> None:
@@ -120,16 +148,18 @@ def prepare_parent(model, search: dict, profile: dict, run: Path) -> None:
 
 def build_searched(model, tokenizer, search: dict, profile: dict, member: dict, compensate: str, distill: int,
                    distill_lr: float, device: str, *, source, distill_batch: int = 4,
-                   compensate_tokens: tuple[int, int] = (COMPENSATE_SAMPLES, COMPENSATE_SEQLEN)):
+                   compensate_tokens: tuple[int, int] = (COMPENSATE_SAMPLES, COMPENSATE_SEQLEN), compensation=None):
     """Front member ``member`` of a search from its prepared parent (reordered, trained; changed in place):
-    sliced, or compensated by SlimGPT, then optionally distilled from the original parent (``source``).
-    Returns (model, record of how)."""
+    sliced, OBS-refit with ``compensation`` (``compensate`` obs), or compensated by SlimGPT, then optionally
+    distilled from the original parent (``source``). Returns (model, record of how)."""
     from compress.search.subnet import materialize
 
     space = SearchSpace(**search["space"])
     choice = space.decode(member["genome"])
-    if compensate == "none":
-        model, details = materialize(model, space, choice), {}
+    if compensate == "obs" and compensation is None:
+        raise CompressError("compensate obs needs the search's factors")  # a caller's bug
+    if compensate in ("none", "obs"):
+        model, details = materialize(model, space, choice, compensation if compensate == "obs" else None), {}
     else:
         model, details = compensate_slimgpt(model, tokenizer, search, space, choice, device, *compensate_tokens)
     if distill:

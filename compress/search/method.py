@@ -28,11 +28,16 @@ class LlamaNASConfig:
     generations: int = config_field(8, "NSGA-II generations.")
     ffn_step: int | None = config_field(None, "FFN width step (default 64; 256 for FFN ≥ 8192).")
     min_depth: int | None = config_field(None, "Fewest layers kept (default: half).")
-    samples: int = config_field(8, "Calibration samples of the search.")
-    seqlen: int = config_field(128, "Tokens per calibration sample of the search.")
+    samples: int = config_field(4, "Calibration samples of the search (the KL's tokens).")
+    seqlen: int = config_field(512, "Tokens per calibration sample of the search.")
     data: str = config_field("wikitext2", "Calibration text of the search.")
     supernet_steps: int = config_field(0, "Super-network training steps before the search.")
-    compensate: str = config_field("none", "none or slimgpt (OBS update of the kept weights at the searched widths).")
+    compensate: str = config_field("searched", "searched (the candidate as scored), none (a plain slice), obs (the "
+                                               "search's one-shot OBS refit) or slimgpt (SlimGPT's OBS walk at the "
+                                               "searched widths).")
+    candidates: str = config_field("obs", "obs (candidates scored with their kept columns OBS-refit) or slice.")
+    obs_samples: int = config_field(32, "With candidates obs: samples of the profiling walk (Gram matrices).")
+    obs_seqlen: int = config_field(256, "Tokens per obs_samples sample.")
     compensate_samples: int = config_field(32, "Calibration samples of compensate (the search's data and seed).")
     compensate_seqlen: int = config_field(256, "Tokens per calibration sample of compensate.")
     distill: int = config_field(0, "Steps of knowledge distillation from the parent after the pick.")
@@ -46,7 +51,9 @@ class LlamaNASConfig:
         from compress.search.export import COMPENSATE
 
         if self.compensate not in COMPENSATE:
-            raise ConfigError(f"field 'compensate' must be none or slimgpt, got {self.compensate!r}")
+            raise ConfigError(f"field 'compensate' must be one of {', '.join(COMPENSATE)}, got {self.compensate!r}")
+        if self.candidates not in ("obs", "slice"):
+            raise ConfigError(f"field 'candidates' must be obs or slice, got {self.candidates!r}")
 
 
 @register
@@ -59,7 +66,7 @@ class LlamaNAS(ModelMethod):
         import json
 
         from compress.models import LoadedModel
-        from compress.search.export import build_searched, choose
+        from compress.search.export import build_searched, choose, resolve_compensate
         from compress.search.run import PROFILE_FILE, Search, SearchConfig
 
         c = self.config
@@ -67,19 +74,25 @@ class LlamaNAS(ModelMethod):
         config = SearchConfig(space=c.space, gqa_unit=c.gqa_unit, objectives=list(c.objectives), budgets=budgets,
                               population=c.population, generations=c.generations, ffn_step=c.ffn_step,
                               min_depth=c.min_depth, data=c.data, samples=c.samples, seqlen=c.seqlen,
-                              seed=ctx.seed, supernet_steps=c.supernet_steps)
+                              seed=ctx.seed, supernet_steps=c.supernet_steps, candidates=c.candidates,
+                              obs_samples=c.obs_samples, obs_seqlen=c.obs_seqlen)
         run_dir = Path(c.run_dir) if c.run_dir else Path(f"{ctx.out}.search") if ctx.out else None
         if run_dir is None:
             raise ConfigError("nas needs a run_dir (or an output folder) for its search files")
         resume = (run_dir / "search.json").is_file()
         loaded = LoadedModel(model=ctx.model, tokenizer=ctx.tokenizer, source=ctx.source or "model", path=None)
-        record = Search(ctx.source or "model", run_dir, config, device=str(ctx.device), resume=resume,
-                        loaded=loaded).run()
+        search = Search(ctx.source or "model", run_dir, config, device=str(ctx.device), resume=resume, loaded=loaded)
+        record = search.run()
         member = choose(record["front"], record["objectives"], None, c.budget)
         profile = json.loads((run_dir / PROFILE_FILE).read_text())
-        model, details = build_searched(ctx.model, ctx.tokenizer, record, profile, member, c.compensate, c.distill,
+        compensate = resolve_compensate(c.compensate, record)
+        compensation = search.compensation
+        if compensate == "obs" and compensation is None:  # the search scored slices: factors of the parent now
+            raise ConfigError("compensate: obs needs candidates: obs (the factors come from the search's walk)")
+        model, details = build_searched(ctx.model, ctx.tokenizer, record, profile, member, compensate, c.distill,
                                         c.distill_lr, str(ctx.device), source=ctx.source,
-                                        compensate_tokens=(c.compensate_samples, c.compensate_seqlen))
+                                        compensate_tokens=(c.compensate_samples, c.compensate_seqlen),
+                                        compensation=compensation)
         self.picked = {"run_dir": str(run_dir), "pick": member["pick"], "genome": member["genome"],
                        **{k: member[k] for k in ("kl", "ppl", "params", "kv", "depth")}}
         return {"model": model, **self.picked, **details}

@@ -77,3 +77,53 @@ def parent_cost(space: SearchSpace, latency: dict | None, kind: str) -> float:
 def fixed_cost(latency: dict | None, kind: str) -> float:
     """The part of the cost no layer option changes (the latency of the embedding, final norm, lm_head)."""
     return latency["fixed"] if kind == "latency" else 0.0
+
+
+def schedule_choice(space: SearchSpace, budget: float, schedule: str = "log", min_scale: float = 0.25):
+    """SlimGPT's structure at ``budget`` (a fraction of the decoder parameters kept) in this space: its
+    schedule's per-layer ratios, attention units removed at the layer's ratio and the FFN taking the rest,
+    rounded to the space's units and FFN steps (every layer kept). A seed of the search: the structure a
+    compensating pruner chooses, so the front is measured against it. None when a layer would be
+    emptied."""
+    from compress.methods.slimgpt.plan import LayerShape, plan_layer
+    from compress.methods.slimgpt.schedule import layer_ratios
+
+    shape = LayerShape(space.hidden, space.heads, space.kv_heads, space.head_dim, space.ffn)
+    ratios = layer_ratios(1.0 - budget, [shape.prunable] * space.depth, schedule, min_scale)
+    A, F = space.attention_units, space.ffn_options
+    choice = []
+    for ratio in ratios:
+        try:
+            plan = plan_layer(ratio, shape, space.unit, prune_attention=space.kind == "full")
+        except CompressError:
+            return None
+        f = min(max(round((space.ffn - plan.channels_removed) / space.ffn_step), 1), F)
+        choice.append(Option(A - plan.attention_units if space.kind == "full" else A, f))
+    return choice
+
+
+def first_population(space: SearchSpace, scores, option_costs, budgets: list[float], population: int,
+                     parent_cost: float, fixed_cost: float, cost_kind: str) -> list[tuple[list[int], float, str]]:
+    """NSGA-II's first genomes, as (genome, budget, origin): the solver's pick for each budget and for
+    budgets spread between the lowest and the highest ("milp"), and with a parameter budget SlimGPT's
+    log-schedule structure at each of the user's budgets ("slimgpt-log"). At most ``population``: the
+    user's budgets' picks first, the spread ones evenly thinned."""
+    spread = sorted(set([*budgets, *np.linspace(min(budgets), max(budgets), population).round(4).tolist()]))
+    picks: list[tuple[list[int], float, str]] = []
+    for budget in spread:
+        pick = solve(space, scores, option_costs, budget * parent_cost - fixed_cost)
+        if pick is not None and space.encode(pick) not in [g for g, _, _ in picks]:
+            picks.append((space.encode(pick), budget, "milp"))
+    schedule = []
+    if cost_kind == "params":
+        for budget in budgets:
+            pick = schedule_choice(space, budget)
+            if pick is not None and space.encode(pick) not in [g for g, _, _ in picks + schedule]:
+                schedule.append((space.encode(pick), budget, "slimgpt-log"))
+    if len(picks) + len(schedule) <= population:
+        return picks + schedule
+    first = [p for p in picks if p[1] in budgets] + schedule
+    rest = [p for p in picks if p[1] not in budgets]
+    room = max(population - len(first), 0)
+    step = len(rest) / max(room, 1)
+    return (first + [rest[int(i * step)] for i in range(room)])[:population]

@@ -41,8 +41,9 @@ class Evaluator:
     """Scores candidates of ``space`` on ``tokens`` (N, L) with the (reordered) parent ``model``."""
 
     def __init__(self, model, space: SearchSpace, tokens: torch.Tensor, batch_size: int = 8,
-                 device: torch.device | str = "cpu", latency: dict | None = None):
+                 device: torch.device | str = "cpu", latency: dict | None = None, compensation=None):
         self.model, self.space, self.tokens = model, space, tokens
+        self.compensation = compensation  # OBS-compensated candidates (compress.search.compensation)
         self.batch_size, self.device, self.latency = batch_size, torch.device(device), latency
         model.to(self.device).eval()
         self.parent_hidden = [self._final_hidden(batch) for batch in self._batches()]
@@ -66,7 +67,7 @@ class Evaluator:
     @torch.no_grad()
     def quality(self, choice: list[Option]) -> dict:
         """{"kl": mean KL(parent ‖ candidate) per position, "ppl": calibration perplexity}."""
-        with subnet(self.model, self.space, choice):
+        with subnet(self.model, self.space, choice, self.compensation):
             return self._quality(self.model)
 
     @torch.no_grad()

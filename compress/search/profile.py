@@ -12,6 +12,11 @@ the option (a, f) — the first ``a`` units and the first ``f`` FFN steps — gi
 Y(a, f) = X + Attn_a(X) + FFN_f(X + Attn_a(X)), computed exactly from per-unit and per-step partial
 sums; its score is Σ‖Y(a, f) − Y‖² / Σ‖Y‖² over the calibration tokens (Y the parent layer's output).
 A dropped layer scores Σ‖X − Y‖² / Σ‖Y‖².
+
+With OBS-compensated candidates (:mod:`compress.search.compensation`) the walk also keeps the o_proj and
+down_proj input Gram matrices, turns them into the per-layer factors, and lowers each option's score by
+what the update removes from the o_proj and down_proj outputs' error (computed exactly per projection;
+their interaction through the MLP is taken as the slice's), clamped at 0.
 """
 
 from __future__ import annotations
@@ -76,34 +81,60 @@ class SearchProfile(LayerMethod):
     needs_inputs = True
     stageable = False
 
-    def __init__(self, space: SearchSpace):
+    def __init__(self, space: SearchSpace, candidates: str = "slice", orders: dict | None = None):
         super().__init__(config={})
         self.space = space
-        self.heads: dict[int, list[int]] = {}
-        self.channels: dict[int, list[int]] = {}
+        self.compensated = candidates == "obs"
+        # given the recorded orders (a resumed search, an export): factors only, no scores
+        self.with_scores = orders is None
+        self.heads: dict[int, list[int]] = dict(orders["heads"]) if orders else {}
+        self.channels: dict[int, list[int]] = dict(orders["channels"]) if orders else {}
         self.scores: dict[int, dict[str, float]] = {}
+        self.factors: dict[int, dict] = {}  # layer → compensation factors (OBS candidates)
+        self._o_xtx: dict[int, torch.Tensor] = {}
 
     def groups(self, layer, index):
-        return [Group([ATTENTION], stats="norm", name="attention"), Group([MLP], stats="norm", name="mlp")]
+        stats = "hessian" if self.compensated else "norm"
+        return [Group([ATTENTION], stats=stats, name="attention"), Group([MLP], stats=stats, name="mlp")]
+
+    def compensation(self):
+        from compress.search.compensation import Compensation
+
+        return Compensation(self.space, self.factors) if self.compensated else None
 
     def apply(self, ctx: LayerContext):
         layer = ctx.layer
         name = ctx.group.modules[0]
         norms = ctx.stats[name].channel_norms()
         weight = arch.projection(layer, name).weight
+        i = ctx.index
         if ctx.group.name == "attention":
-            self.heads[ctx.index] = head_order(column_scores(norms, weight), self.space)
+            if self.with_scores:
+                self.heads[i] = head_order(column_scores(norms, weight), self.space)
+            if self.compensated:
+                self._o_xtx[i] = ctx.stats[name].xtx.cpu()
             return {}
-        self.channels[ctx.index] = channel_order(column_scores(norms, weight))
-        self.scores[ctx.index] = option_scores(layer, ctx, self.space, self.heads[ctx.index],
-                                               self.channels[ctx.index])
+        if self.with_scores:
+            self.channels[i] = channel_order(column_scores(norms, weight))
+        gains = None
+        if self.compensated:
+            from compress.search.compensation import compensation_gains, layer_factors
+
+            factors = layer_factors(self.space, self._o_xtx.pop(i), ctx.stats[name].xtx, self.heads[i],
+                                    self.channels[i])
+            if self.with_scores:
+                gains = compensation_gains(self.space, layer, factors, self.heads[i], self.channels[i])
+            self.factors[i] = {"o": factors["o"], "down": factors["down"]}
+        if self.with_scores:
+            self.scores[i] = option_scores(layer, ctx, self.space, self.heads[i], self.channels[i], gains)
         return {}
 
 
 @torch.no_grad()
 def option_scores(layer: nn.Module, ctx: LayerContext, space: SearchSpace, heads: list[int],
-                  channels: list[int]) -> dict[str, float]:
-    """Relative output error of every option of this layer (keys "a,f"), see the module docstring."""
+                  channels: list[int], gains: tuple[list[float], list[float]] | None = None) -> dict[str, float]:
+    """Relative output error of every option of this layer (keys "a,f"), see the module docstring;
+    ``gains`` (per attention width, per FFN width) are subtracted from the kept layers' errors."""
     mlp = layer.mlp
     o_proj, down = arch.projection(layer, arch.O), arch.projection(layer, arch.DOWN)
     d = space.head_dim
@@ -144,6 +175,10 @@ def option_scores(layer: nn.Module, ctx: LayerContext, space: SearchSpace, heads
                     errors[a, f + 1] += diff.pow(2).sum(dtype=torch.float64)
     finally:
         hook.remove()
+    if gains is not None:
+        g_o, g_d = (torch.tensor(g, dtype=torch.float64) for g in gains)
+        # no width kept (a = 0 or f = 0, the dropped layer among them) gains nothing: g_o[0] = g_d[0] = 0
+        errors = (errors - g_o[:, None] - g_d[None, :]).clamp_min(0)
     rel = errors / total.clamp_min(1e-30)
     return {f"{o.a},{o.f}": float(rel[o.a, o.f]) for o in space.options()}
 

@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from compress.errors import CompressError
@@ -51,16 +50,29 @@ class SearchConfig:
     ffn_step: int | None = None
     min_depth: int | None = None
     data: str = "wikitext2"
-    samples: int = 8
-    seqlen: int = 128
+    samples: int = 4  # the KL's tokens: long sequences (the model is judged at long context), measured better
+    seqlen: int = 512  # than 8 × 128 (evaluation/results/search-smollm2.md)
     batch_size: int = 8
     seed: int = 0
     supernet_steps: int = 0
     supernet_lr: float = 5e-5
     supernet_batch: int = 4
+    candidates: str = "obs"  # how a candidate's kept columns are scored: OBS-compensated or plain slices
+    # the profiling walk's tokens with OBS candidates (importance, option scores, the refit's Gram matrices):
+    # more than the KL's, or the refit fits the scoring tokens themselves (same source and seed)
+    obs_samples: int = 32
+    obs_seqlen: int = 256
 
     def check(self) -> None:
         check_objectives(self.objectives)
+        from compress.search.compensation import CANDIDATES
+
+        if self.candidates not in CANDIDATES:
+            raise CompressError(f"unknown --candidates '{self.candidates}' (choose {' or '.join(CANDIDATES)})")
+        if self.candidates == "obs":
+            from compress.data import check_sizes
+
+            check_sizes(self.obs_samples, self.obs_seqlen)
         if self.space not in SPACES:
             raise CompressError(f"unknown --space '{self.space}' (choose {' or '.join(SPACES)})")
         if self.gqa_unit not in UNITS:
@@ -97,6 +109,7 @@ class Search:
     checkpoint (tests use it to kill a run)."""
 
     _fingerprint: dict | None = None
+    compensation = None  # the OBS factors of the candidates, after run() (None: sliced candidates)
 
     def __init__(self, model_spec: str, out: str | os.PathLike, config: SearchConfig, *, device: str = "auto",
                  resume: bool = False, on_generation=None, loaded=None, compare: list | None = None):
@@ -154,7 +167,11 @@ class Search:
         from compress.data import calibration_tokens
 
         tokens = calibration_tokens(model, tokenizer, c.data, c.samples, c.seqlen, c.seed)
-        profile, stored = self._profile(model, tokens, space, device)
+        from compress.search.compensation import profiling_tokens
+
+        profile_tokens = profiling_tokens(model, tokenizer, c) if c.candidates == "obs" else tokens
+        profile, stored, compensation = self._profile(model, profile_tokens, space, device)
+        self.compensation = compensation  # the recipe stage exports with it
         if profile.get("latency") is not None:
             self._check_latency_budgets(space, profile["latency"])
         if self.rank == 0:  # the first file of the run: every check has passed
@@ -165,9 +182,11 @@ class Search:
 
         reorder(model, space, profile["heads"], profile["channels"])
         forward_start = time.perf_counter()
-        evaluator = Evaluator(model, space, tokens, c.batch_size, device, profile.get("latency"))
+        evaluator = Evaluator(model, space, tokens, c.batch_size, device, profile.get("latency"), compensation)
         forward_seconds = time.perf_counter() - forward_start
         supernet = self._supernet(model, tokenizer, space, device, recorded)
+        if compensation is not None:
+            compensation.clear()  # weights computed before the super-network training are stale
         scores = profile["scores"]
         record = self._search(space, evaluator, scores, recorded, fingerprint, forward_seconds, supernet)
         record["compare"] = self._reference_points(evaluator)
@@ -226,16 +245,24 @@ class Search:
                                 f"{space.min_depth}); raise it or lower --min-depth")
 
     # --- the profiling walk ------------------------------------------------------------------------
-    def _profile(self, model, tokens, space: SearchSpace, device) -> tuple[dict, dict | None]:
-        """(profile, what to store in profile.json, None when it was read from there)."""
-        path = self.out / PROFILE_FILE
-        if self.resume and path.is_file():
-            return read_profile(json.loads(path.read_text())), None
+    def _profile(self, model, tokens, space: SearchSpace, device) -> tuple[dict, dict | None, object]:
+        """(profile, what to store in profile.json or None when it was read from there, the OBS
+        compensation of the candidates or None). A resumed run with OBS candidates walks again for the
+        factors (not stored: hundreds of MB); the orders and scores are the recorded ones."""
         from compress.search.profile import SearchProfile
         from compress.walk import walk
 
+        path = self.out / PROFILE_FILE
+        c = self.config
+        if self.resume and path.is_file():
+            profile = read_profile(json.loads(path.read_text()))
+            if c.candidates == "slice":
+                return profile, None, None
+            from compress.search.compensation import profile_factors
+
+            return profile, None, profile_factors(model, tokens, space, device, c.batch_size, profile)
         start = time.perf_counter()
-        profiler = SearchProfile(space)
+        profiler = SearchProfile(space, c.candidates)
         walk(model, tokens, [profiler], device=device, batch_size=self.config.batch_size)
         latency = None
         if "latency" in self.config.objectives:
@@ -252,7 +279,7 @@ class Search:
                   "scores": [{f"{o.a},{o.f}": profiler.scores[i][f"{o.a},{o.f}"] for o in space.options()}
                              for i in range(space.depth)],
                   "latency": latency, "seconds": round(time.perf_counter() - start, 1)}
-        return read_profile(json.loads(json.dumps(stored))), stored
+        return read_profile(json.loads(json.dumps(stored))), stored, profiler.compensation()
 
     def _supernet(self, model, tokenizer, space, device, recorded) -> dict | None:
         c = self.config
@@ -295,24 +322,14 @@ class Search:
         if recorded is not None:
             for cand in recorded.get("candidates", []):
                 cache[tuple(cand["genome"])] = cand
-        # stage 1: the solver's picks for the budgets, and for budgets spread between them (seeds)
-        seeds, seed_budgets = [], sorted(set([*c.budgets, *np.linspace(min(c.budgets), max(c.budgets),
-                                                                        c.population).round(4).tolist()]))
+        # stage 1: the solver's picks for the budgets and for budgets spread between them, SlimGPT's structure
         stage1 = time.perf_counter()
-        for budget in seed_budgets:
-            pick = milp.solve(space, scores, option_costs, budget * milp.parent_cost(space, evaluator.latency, cost_kind)
-                              - milp.fixed_cost(evaluator.latency, cost_kind))
-            if pick is not None:
-                genome = space.encode(pick)
-                if genome not in [s for s, _ in seeds]:
-                    seeds.append((genome, budget))
+        seeds = milp.first_population(space, scores, option_costs, c.budgets, c.population,
+                                      milp.parent_cost(space, evaluator.latency, cost_kind),
+                                      milp.fixed_cost(evaluator.latency, cost_kind), cost_kind)
         stage1_seconds = time.perf_counter() - stage1
-        if len(seeds) > c.population:  # keep the user's budgets' picks and spread the rest
-            user = [s for s in seeds if s[1] in c.budgets]
-            rest = [s for s in seeds if s[1] not in c.budgets]
-            step = len(rest) / max(c.population - len(user), 1)
-            seeds = user + [rest[int(i * step)] for i in range(c.population - len(user))]
-        milp_budget = {tuple(g): b for g, b in seeds}
+        milp_budget = {tuple(g): b for g, b, origin in seeds if origin == "milp"}
+        seeded_by = {tuple(g): origin for g, _, origin in seeds}
         self._fingerprint = fingerprint
         self._candidates = lambda: sorted(cache.values(), key=lambda r: (r["generation"], r["genome"]))
 
@@ -330,7 +347,8 @@ class Search:
                 q = evaluator.quality(choice)
                 results[g] = {"genome": list(g), "generation": generation, **q, **evaluator.costs(choice),
                               "proxy": sum(scores[i][o] for i, o in enumerate(choice)),
-                              "milp_budget": milp_budget.get(g), "seconds": round(time.perf_counter() - start, 2)}
+                              "milp_budget": milp_budget.get(g), "seed": seeded_by.get(g),
+                              "seconds": round(time.perf_counter() - start, 2)}
                 if progress is not None:
                     progress.update(1)
             if progress is not None:
@@ -350,7 +368,9 @@ class Search:
         front = pareto_front(all_evaluated, c.objectives, low, high)
         return {"version": 1, "model": self.model_spec, "fingerprint": fingerprint, "config": config_record(c),
                 "space": space.as_dict(), "objectives": c.objectives, "budgets": c.budgets,
-                "calibration": {"data": c.data, "samples": c.samples, "seqlen": c.seqlen, "seed": c.seed},
+                "calibration": {"data": c.data, "samples": c.samples, "seqlen": c.seqlen, "seed": c.seed,
+                                **({"obs_samples": c.obs_samples, "obs_seqlen": c.obs_seqlen}
+                                   if c.candidates == "obs" else {})},
                 "window": [low, high], "forward_seconds": round(forward_seconds, 2),
                 "stage1_seconds": round(stage1_seconds, 2), "parent": {**parent_q, **evaluator.costs(space.full_choice())},
                 "supernet": supernet, "generations_done": result["generations"], "processes": self.world,
@@ -368,7 +388,7 @@ class Search:
             if self.on_generation is not None:
                 self.on_generation(generation)
 
-        return run_nsga2(space, self.config, evaluate, [g for g, _ in seeds], low, high, generation_done)
+        return run_nsga2(space, self.config, evaluate, [g for g, _, _ in seeds], low, high, generation_done)
 
     def _checkpoint(self, generation: int) -> None:
         """search.json after a generation: what --resume replays."""

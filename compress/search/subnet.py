@@ -8,7 +8,9 @@ sub-network becomes "the first k units / channels of each layer, these layers ke
 read views of the parent's weights (FFN prefixes, KV-group prefixes; with ``query`` units the kept query
 rows / o columns are gathered, a small copy), a layer without attention or MLP gets ``NoAttention`` /
 ``NoMLP`` and dropped layers leave the layer list; everything is put back on exit. Gradients reach the
-parent's parameters through the views (the super-network training uses it).
+parent's parameters through the views (the super-network training uses it). With a
+:class:`compress.search.compensation.Compensation` the kept o_proj / down_proj columns are the
+OBS-updated ones instead (computed, no gradient).
 
 :func:`materialize` turns the model itself into the sub-network (real, contiguous tensors; dropped
 layers removed with provenance), ready for any exporter.
@@ -75,15 +77,16 @@ def _set(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None, sav
 
 
 @contextmanager
-def subnet(model: nn.Module, space: SearchSpace, choice: list[Option]):
-    """Inside the context ``model`` (reordered, unpruned) computes the sub-network ``choice``."""
+def subnet(model: nn.Module, space: SearchSpace, choice: list[Option], compensation=None):
+    """Inside the context ``model`` (reordered, unpruned) computes the sub-network ``choice`` (its kept
+    o_proj / down_proj columns compensated when ``compensation`` is given)."""
     base = model.model
     layers = base.layers
     saved: list = []
     swapped: list = []  # (owner, attribute, original value): modules swapped out, num_key_value_groups
     kept = []
     try:
-        for layer, option in zip(layers, choice):
+        for index, (layer, option) in enumerate(zip(layers, choice)):
             if option == (0, 0):
                 continue
             kept.append(layer)
@@ -102,7 +105,8 @@ def subnet(model: nn.Module, space: SearchSpace, choice: list[Option]):
                 heads, kv, _ = space.widths(option)
                 attn.num_key_value_groups = heads // kv
                 o = attn.o_proj
-                _set(o, o.weight[:, q_rows], o.bias, saved)
+                w_o = o.weight[:, q_rows] if compensation is None else compensation.o_weight(index, o.weight, option.a)
+                _set(o, w_o, o.bias, saved)
             if option.f == 0:
                 swapped.append((layer, "mlp", mlp))
                 layer.mlp = NoMLP()
@@ -111,7 +115,10 @@ def subnet(model: nn.Module, space: SearchSpace, choice: list[Option]):
                 for name in ("gate_proj", "up_proj"):
                     lin = getattr(mlp, name)
                     _set(lin, lin.weight[:width], None if lin.bias is None else lin.bias[:width], saved)
-                _set(mlp.down_proj, mlp.down_proj.weight[:, :width], mlp.down_proj.bias, saved)
+                down = mlp.down_proj
+                w_d = down.weight[:, :width] if compensation is None else \
+                    compensation.down_weight(index, down.weight, option.f)
+                _set(down, w_d, down.bias, saved)
         base.layers = nn.ModuleList(kept) if len(kept) != len(layers) else layers
         yield model
     finally:
@@ -126,27 +133,31 @@ def subnet(model: nn.Module, space: SearchSpace, choice: list[Option]):
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, space: SearchSpace, choice: list[Option]) -> nn.Module:
+def materialize(model: nn.Module, space: SearchSpace, choice: list[Option], compensation=None) -> nn.Module:
     """Make ``model`` (reordered, unpruned) the sub-network ``choice`` in place: kept prefixes as real
-    tensors, no-attention / no-MLP layers, dropped layers removed (with provenance). Returns the model."""
+    tensors (o_proj / down_proj compensated when ``compensation`` is given), no-attention / no-MLP
+    layers, dropped layers removed (with provenance). Returns the model."""
     from compress.methods.slimgpt.shrink import shrink_attention, shrink_mlp
 
     layers = arch.decoder_layers(model)
-    for layer, option in zip(layers, choice):
+    for index, (layer, option) in enumerate(zip(layers, choice)):
         if option == (0, 0):
             continue
         heads, kv, ffn = space.widths(option)
+        w_o, w_d = compensation.full_weights(index, layer, option) if compensation is not None else (None, None)
         if option.a == 0:
             layer.self_attn = NoAttention(space.head_dim, getattr(layer.self_attn, "layer_idx", None))
         elif option.a < space.attention_units:
             kept_heads = unit_heads(space, option.a)
             kept_kv = list(range(kv))
             o = layer.self_attn.o_proj
-            shrink_attention(layer.self_attn, o.weight.detach(), kept_heads, kept_kv, space.head_dim)
+            shrink_attention(layer.self_attn, o.weight.detach() if w_o is None else w_o, kept_heads, kept_kv,
+                             space.head_dim)
         if option.f == 0:
             layer.mlp = NoMLP()
         elif option.f < space.ffn_options:
-            shrink_mlp(layer.mlp, layer.mlp.down_proj.weight.detach(), list(range(ffn)))
+            w = layer.mlp.down_proj.weight.detach() if w_d is None else w_d
+            shrink_mlp(layer.mlp, w, list(range(ffn)))
     for p in model.parameters():
         p.requires_grad_(False)
     dropped = [i for i, o in enumerate(choice) if o == (0, 0)]

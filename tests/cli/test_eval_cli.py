@@ -76,15 +76,16 @@ def test_real_process_prints_no_traceback(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_wikitext2_perplexity_first_40_windows():
-    """The standard protocol on the real model: 20.38 over the first 40 windows of 2048 (measured by an
-    independent script here); KL of the model against itself is 0."""
-    result = run_cli("eval", "smollm2-135m", "--data", WIKI_TEST, "--seqlen", 2048, "--windows", 40, "--json",
+def test_smollm2_wikitext2_perplexity_first_10_windows():
+    """The standard protocol on the real model, its first 10 windows of 2048: 19.922 from transformers' own
+    loss on the same windows (an independent script, float32; the first 40 windows give 20.38, measured
+    the same way: README)."""
+    result = run_cli("eval", "smollm2-135m", "--data", WIKI_TEST, "--seqlen", 2048, "--windows", 10, "--json",
                      "--batch-size", 2)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["windows"] == 40 and out["tokens"] == 40 * 2047
-    assert out["perplexity"] == pytest.approx(20.38, abs=0.006)
+    assert out["windows"] == 10 and out["tokens"] == 10 * 2047
+    assert out["perplexity"] == pytest.approx(19.922, abs=0.006)
 
 
 def test_default_verbosity_prints_no_info_lines(tiny_model_folder, tmp_path):
@@ -101,13 +102,19 @@ def test_default_verbosity_prints_no_info_lines(tiny_model_folder, tmp_path):
     assert verbose.returncode == 0 and "INFO compress" in verbose.stderr
 
 
-@pytest.mark.parametrize("verb", ["prune", "eval", "adapt"])
+@pytest.mark.parametrize("verb", ["prune", "eval", "adapt", "eval-quantized"])
 def test_default_verbosity_is_quiet_for_every_verb(verb, tiny_model_folder, tmp_path):
     """prune, eval and adapt (quantize: above) print no INFO line, no FutureWarning and no other warning
-    category on stderr at the default verbosity."""
+    category on stderr at the default verbosity; evaluating a quantized output shows none of
+    compressed-tensors' own progress bars (our bars are off here: COMPRESS_PROGRESS=0)."""
     from tests.helpers.adapt import reverse_task, save_tiny_model, write_jsonl
 
-    if verb == "prune":
+    if verb == "eval-quantized":
+        quantized = run_cli("quantize", tiny_model_folder, "--method", "rtn", "--out", tmp_path / "q")
+        assert quantized.exit_code == 0, quantized.output
+        args = ["eval", str(tmp_path / "q"), "--data", WIKI_TEST, "--seqlen", "32", "--windows", "2",
+                "--reference", str(tiny_model_folder)]
+    elif verb == "prune":
         args = ["prune", str(tiny_model_folder), "--method", "slimgpt", "--ratio", "0.2", "--data", WIKI_TEST,
                 "--samples", "4", "--seqlen", "32", "--out", str(tmp_path / "p")]
     elif verb == "eval":
@@ -121,5 +128,6 @@ def test_default_verbosity_is_quiet_for_every_verb(verb, tiny_model_folder, tmp_
     result = subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True, cwd=REPO,
                             stdin=subprocess.DEVNULL, timeout=300, env={**os.environ, "COMPRESS_PROGRESS": "0"})
     assert result.returncode == 0, result.stderr
-    for noise in ("INFO", "FutureWarning", "DeprecationWarning", "UserWarning"):
+    for noise in ("INFO", "FutureWarning", "DeprecationWarning", "UserWarning", "Decompressing", "Dispatching",
+                  "Applying quantization", "it/s"):
         assert noise not in result.stderr, result.stderr

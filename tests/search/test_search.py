@@ -108,9 +108,13 @@ def test_two_processes_give_the_front_of_one(tiny, searched, tmp_path):
 
 
 def test_export_reloads_with_the_searched_widths_and_logits(searched, tmp_path):
+    """The default export is the candidate as the search scored it (OBS-refit): its KL to the parent on the
+    search's calibration tokens is the recorded one; --compensate none is the plain slice (the view)."""
     import compress
     from compress.arch import layout
+    from compress.data import calibration_tokens
     from compress.models import load_model
+    from compress.search.objectives import Evaluator
     from compress.search.space import SearchSpace
     from compress.search.subnet import reorder, subnet
 
@@ -118,11 +122,19 @@ def test_export_reloads_with_the_searched_widths_and_logits(searched, tmp_path):
     member = record["front"][1]
     result = run_cli("search", "export", out, "--pick", 1, "--out", tmp_path / "sub")
     assert result.exit_code == 0, result.output
-    exported = compress.load(tmp_path / "sub").model
+    sliced = run_cli("search", "export", out, "--pick", 1, "--compensate", "none", "--out", tmp_path / "slice")
+    assert sliced.exit_code == 0, sliced.output
+    exported, plain = compress.load(tmp_path / "sub").model, compress.load(tmp_path / "slice").model
     space = SearchSpace(**record["space"])
     choice = space.decode(member["genome"])
-    assert [tuple(w) for w in layout(exported).layers] == [space.widths(o) for o in choice if o != (0, 0)]
-    parent = load_model(record["model"]).model
+    for built in (exported, plain):
+        assert [tuple(w) for w in layout(built).layers] == [space.widths(o) for o in choice if o != (0, 0)]
+    loaded = load_model(record["model"])
+    parent = loaded.model
+    c = record["calibration"]
+    tokens = calibration_tokens(parent, loaded.tokenizer, c["data"], c["samples"], c["seqlen"], c["seed"])
+    scored = Evaluator(parent, space, tokens, record["config"]["batch_size"]).reference_point(exported)
+    assert scored["kl"] == pytest.approx(member["kl"], rel=1e-4, abs=1e-7)
     profile = json.loads((out / "profile.json").read_text())
     reorder(parent, space, {int(k): v for k, v in profile["heads"].items()},
             {int(k): v for k, v in profile["channels"].items()})
@@ -130,9 +142,11 @@ def test_export_reloads_with_the_searched_widths_and_logits(searched, tmp_path):
     with torch.no_grad(), subnet(parent, space, choice):
         viewed = parent(input_ids=ids).logits
     with torch.no_grad():
-        assert (exported(input_ids=ids).logits - viewed).abs().max() <= 1e-5
+        assert (plain(input_ids=ids).logits - viewed).abs().max() <= 1e-5
+        assert (exported(input_ids=ids).logits - viewed).abs().max() > 1e-4  # the refit is not the slice
     saved = json.loads((tmp_path / "sub" / "compress.json").read_text())
-    assert saved["search"]["genome"] == member["genome"] and saved["compensate"] == "none"
+    assert saved["search"]["genome"] == member["genome"] and saved["compensate"] == "obs"
+    assert json.loads((tmp_path / "slice" / "compress.json").read_text())["compensate"] == "none"
 
 
 def test_export_compensated_and_distilled(searched, tmp_path):
@@ -194,7 +208,8 @@ def test_resume_or_export_with_another_model_is_refused(searched, tmp_path, smol
     c = CONFIG
     result = run_cli("search", other, "--out", out, "--resume", "--population", c["population"], "--generations",
                      c["generations"], "--ffn-step", c["ffn_step"], "--samples", c["samples"], "--seqlen",
-                     c["seqlen"], "--min-depth", c["min_depth"], "--batch-size", c["batch_size"])
+                     c["seqlen"], "--min-depth", c["min_depth"], "--batch-size", c["batch_size"], "--obs-samples",
+                     c["obs_samples"], "--obs-seqlen", c["obs_seqlen"])
     assert_one_line_error(result, "was searched on another model")
     result = run_cli("search", "export", out, "--pick", 0, "--model", other, "--out", tmp_path / "x")
     assert_one_line_error(result, "was searched on another model")

@@ -144,6 +144,34 @@ def test_milp_is_optimal_on_a_brute_forced_case():
         assert sum(costs[i][o] for i, o in enumerate(pick)) <= budget
 
 
+def test_slimgpt_schedule_seed_follows_slimgpt_plan():
+    """The "slimgpt-log" seed of a parameter budget is SlimGPT's log-schedule plan (the same attention units
+    removed per layer, the FFN rounded to the space's steps), keeps every layer and lands near the budget;
+    the first population holds it next to the solver's picks."""
+    from compress.methods.slimgpt.method import model_shapes
+    from compress.methods.slimgpt.plan import plan_model
+    from compress.search.milp import first_population, option_costs, schedule_choice
+
+    model = make_tiny_llama(num_hidden_layers=6, hidden_size=64, intermediate_size=192, num_attention_heads=8,
+                            num_key_value_heads=2)
+    space = SearchSpace.from_layout(layout(model), "full", "query", ffn_step=16, min_depth=3)
+    for budget in (0.55, 0.7, 0.85):
+        choice = schedule_choice(space, budget)
+        plans = plan_model(model_shapes(model), 1 - budget, "log", 0.25, "query")
+        assert [space.attention_units - o.a for o in choice] == [p.attention_units for p in plans]
+        for o, p in zip(choice, plans):
+            assert abs(space.ffn_width(o.f) - (space.ffn - p.channels_removed)) <= space.ffn_step / 2
+        assert space.kept_depth(choice) == 6
+        kept = (space.parameters(choice) - 6 * 2 * space.hidden) / (space.parent_parameters - 6 * 2 * space.hidden)
+        assert kept == pytest.approx(budget, abs=0.03)
+    scores = [{o: float(space.option_parameters(o) == 0) for o in space.options()}] * 6
+    costs = option_costs(space, None, "params")
+    seeds = first_population(space, scores, costs, [0.55, 0.7, 0.85], 8, space.parent_parameters, 0.0, "params")
+    assert len(seeds) <= 8 and [origin for _, _, origin in seeds].count("slimgpt-log") == 3
+    assert all(origin != "slimgpt-log" for _, _, origin in
+               first_population(space, scores, costs, [0.7], 8, space.parent_parameters, 0.0, "kv"))
+
+
 def test_space_genomes_and_costs():
     model = make_tiny_llama(num_hidden_layers=4)
     lay = layout(model)
