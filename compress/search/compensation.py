@@ -48,16 +48,18 @@ def unit_permutation(space: SearchSpace) -> torch.Tensor:
 
 
 def damped_factor(xtx: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
-    """Lower Cholesky factor of XᵀX + damping · mean(diag) · I (float64 for the factorization; a dead
-    input gets a unit diagonal)."""
-    H = xtx.double().clone()
-    diag = torch.arange(H.shape[0])
-    dead = H[diag, diag] <= 0
-    H[dead, :] = 0
-    H[:, dead] = 0
-    H[diag[dead], diag[dead]] = 1.0
-    H[diag, diag] += damping * H[diag, diag].mean()
-    return torch.linalg.cholesky(H).float()
+    """Lower Cholesky factor (float32) of XᵀX damped as SlimGPT damps its Hessians (float64 for the
+    factorization)."""
+    from compress.methods.slimgpt.obs import damp_
+
+    return torch.linalg.cholesky(damp_(xtx.double().clone(), damping)).float()
+
+
+def o_kept(space: SearchSpace, a: int) -> int:
+    """o_proj input columns the first ``a`` attention units keep."""
+    from compress.search.profile import unit_heads
+
+    return len(unit_heads(space, a)) * space.head_dim
 
 
 def residual_errors(weight: torch.Tensor, factor: torch.Tensor, sizes: list[int]) -> list[float]:
@@ -86,18 +88,12 @@ class Compensation:
         self.cache: OrderedDict = OrderedDict()
         self.cache_bytes, self._bytes = cache_bytes, 0
 
-    # --- the kept column counts of an option ------------------------------------------------------
-    def o_kept(self, a: int) -> int:
-        from compress.search.profile import unit_heads
-
-        return len(unit_heads(self.space, a)) * self.space.head_dim
-
     @torch.no_grad()
     def o_weight(self, index: int, weight: torch.Tensor, a: int) -> torch.Tensor:
         """The compensated o_proj of ``a`` units: (hidden, kept columns) in the reordered layer's order
         of the kept heads (as :func:`compress.search.subnet.subnet` slices them)."""
         def compute():
-            k = self.o_kept(a)
+            k = o_kept(self.space, a)
             perm = self.perm.to(weight.device)
             solved = self._solve(weight[:, perm], self.factors[index]["o"].to(weight.device), k)
             return solved[:, torch.argsort(perm[:k])]  # back to increasing positions (group by group)
@@ -160,35 +156,34 @@ class Compensation:
         return o, d
 
 
+def layer_orders(space: SearchSpace, heads: list[int], channels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o_proj, down_proj) input columns of the parent in each factor's order: the reordering's importance
+    orders, the o_proj's taken unit by unit."""
+    q_index = arch.head_channels(heads, space.head_dim).cpu()
+    return q_index[unit_permutation(space)], torch.tensor(channels, dtype=torch.long)
+
+
 def layer_factors(space: SearchSpace, o_xtx: torch.Tensor, down_xtx: torch.Tensor, heads: list[int],
-                  channels: list[int]) -> dict[str, torch.Tensor]:
+                  channels: list[int], layer=None) -> tuple[dict[str, torch.Tensor], tuple | None]:
     """A layer's factors from its o_proj / down_proj input Gram matrices in the parent's basis, given the
-    importance orders (heads, channels) the reordering applies."""
-    q_index = arch.head_channels(heads, space.head_dim).cpu()
-    perm = q_index[unit_permutation(space)]  # parent columns in unit order
-    f_index = torch.tensor(channels, dtype=torch.long)
-    o = o_xtx.cpu()[perm][:, perm]
-    down = down_xtx.cpu()[f_index][:, f_index]
-    return {"o": damped_factor(o), "down": damped_factor(down), "o_xtx": o, "down_xtx": down}
-
-
-def compensation_gains(space: SearchSpace, layer, factors: dict[str, torch.Tensor], heads: list[int],
-                       channels: list[int]) -> tuple[list[float], list[float]]:
-    """Per attention width a (0..A) and FFN width f (0..F): how much of the sliced projection's output
-    error (Σ‖·‖² over the calibration tokens) the update removes."""
-    q_index = arch.head_channels(heads, space.head_dim).cpu()
-    perm = q_index[unit_permutation(space)]
-    w_o = arch.projection(layer, arch.O).weight.detach().cpu()[:, perm]
-    w_d = arch.projection(layer, arch.DOWN).weight.detach().cpu()[:, torch.tensor(channels, dtype=torch.long)]
-    comp = Compensation(space, {})
-    o_sizes = [comp.o_kept(a) for a in range(space.attention_units + 1)]
-    f_sizes = [space.ffn_width(f) if f else 0 for f in range(space.ffn_options + 1)]
+    importance orders (heads, channels) the reordering applies; with the (parent) ``layer``, also the
+    refit's gains per attention width a (0..A) and FFN width f (0..F): how much of the sliced
+    projection's output error (Σ‖·‖² over the calibration tokens) the update removes."""
+    o_index, f_index = layer_orders(space, heads, channels)
+    grams = {"o": o_xtx.cpu()[o_index][:, o_index], "down": down_xtx.cpu()[f_index][:, f_index]}
+    factors = {name: damped_factor(xtx) for name, xtx in grams.items()}
+    if layer is None:
+        return factors, None
+    weights = {"o": arch.projection(layer, arch.O).weight.detach().cpu()[:, o_index],
+               "down": arch.projection(layer, arch.DOWN).weight.detach().cpu()[:, f_index]}
+    sizes = {"o": [o_kept(space, a) for a in range(space.attention_units + 1)],
+             "down": [space.ffn_width(f) for f in range(space.ffn_options + 1)]}
     gains = []
-    for w, name, sizes in ((w_o, "o", o_sizes), (w_d, "down", f_sizes)):
-        sliced = sliced_errors(w, factors[f"{name}_xtx"], sizes)
-        left = residual_errors(w, factors[name], sizes)
+    for name in ("o", "down"):
+        sliced = sliced_errors(weights[name], grams[name], sizes[name])
+        left = residual_errors(weights[name], factors[name], sizes[name])
         gains.append([max(s - r, 0.0) for s, r in zip(sliced, left)])
-    return gains[0], gains[1]
+    return factors, (gains[0], gains[1])
 
 
 def profile_factors(model, tokens, space: SearchSpace, device, batch_size: int, orders: dict) -> Compensation:

@@ -118,13 +118,11 @@ class SearchProfile(LayerMethod):
             self.channels[i] = channel_order(column_scores(norms, weight))
         gains = None
         if self.compensated:
-            from compress.search.compensation import compensation_gains, layer_factors
+            from compress.search.compensation import layer_factors
 
-            factors = layer_factors(self.space, self._o_xtx.pop(i), ctx.stats[name].xtx, self.heads[i],
-                                    self.channels[i])
-            if self.with_scores:
-                gains = compensation_gains(self.space, layer, factors, self.heads[i], self.channels[i])
-            self.factors[i] = {"o": factors["o"], "down": factors["down"]}
+            self.factors[i], gains = layer_factors(self.space, self._o_xtx.pop(i), ctx.stats[name].xtx,
+                                                   self.heads[i], self.channels[i],
+                                                   layer if self.with_scores else None)
         if self.with_scores:
             self.scores[i] = option_scores(layer, ctx, self.space, self.heads[i], self.channels[i], gains)
         return {}

@@ -40,6 +40,16 @@ class PruneResult:
         return float(sum(self.errors))
 
 
+def damp_(H: torch.Tensor, damping: float) -> torch.Tensor:
+    """In place: a dead input (H_jj = 0, its row and column zero) gets H_jj = 1, then every diagonal entry
+    grows by ``damping`` × mean(diag H). Returns ``H``."""
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    diag = torch.arange(H.shape[0], device=H.device)
+    H[diag, diag] += damping * torch.mean(torch.diag(H))
+    return H
+
+
 def damped_inverse_hessian(hessian: torch.Tensor, weight: torch.Tensor, damping: float,
                            dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """H⁻¹ after damping by ``damping`` × mean(diag H); dead inputs get H_jj = 1 and a zero column.
@@ -48,11 +58,8 @@ def damped_inverse_hessian(hessian: torch.Tensor, weight: torch.Tensor, damping:
     """
     H = hessian.to(dtype, copy=True)
     W = weight.detach().to(dtype).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    diag = torch.arange(H.shape[0], device=H.device)
-    H[diag, diag] += damping * torch.mean(torch.diag(H))
+    W[:, torch.diag(H) == 0] = 0.0
+    damp_(H, damping)
     L = torch.linalg.cholesky(H)
     del H  # freed before H⁻¹ is made: two n×n float64 matrices at a time, not three
     return torch.cholesky_inverse(L), W
