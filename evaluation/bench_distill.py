@@ -19,20 +19,31 @@ Protocol (one run, one process, ``--threads`` CPU threads, float32, seed 0):
   (``--batch-size`` windows per step), lr ``--lr``, KL(teacher ‖ student) at temperature 1.
 * Columns: KV cache fraction (:func:`compress.metrics.cost.kv_cache_fraction`); WikiText-2 test
   perplexity at ``--eval-seqlen`` over the first ``--windows`` non-overlapping windows, and on the same
-  windows the mean KL(teacher ‖ model) and top-1 agreement with the teacher
-  (:func:`compress.metrics.fidelity.perplexity_and_fidelity`); decode tokens/s after a prefill of
-  ``--decode-context`` random tokens (``--decode-steps`` greedy steps after 2 untimed ones); training
+  windows the mean KL(teacher ‖ model) and top-1 agreement with the teacher, all rows in one pass
+  (:func:`evaluate_all`: per window the teacher runs once and every model is scored against its logits,
+  streamed over vocabulary chunks as :mod:`compress.metrics.logits`); decode tokens/s after a prefill of
+  ``--decode-context`` random tokens (``--decode-steps`` greedy steps after 2 untimed ones), measured once
+  per architecture (the layer kinds' counts: where the MLA layers sit does not change the work); training
   tokens (the distinct ILD and KD tokens the row was trained on) and training wall time (the ILD the
   row needs: all of it, half for the 50%-attention row whose MLA mixers go unused, the all-MLA row's
   own; SMART's measurement for the SMART rows; KD without the curve's evaluations).
 * Curve: for SMART's row, perplexity on the first ``--curve-windows`` windows at ``--curve-points``
   evenly spaced KD steps, against KD tokens: where the budget a GPU box needs can be read.
 
-    .venv/bin/python -m evaluation.bench_distill --out evaluation/results/distill-smollm2.md
+    .venv/bin/python -m evaluation.bench_distill --out evaluation/results/distill-smollm2.md --work /tmp/bench_distill
 
-Expected cost on the 2-core development CPU, from the measured forward speed (eval-smollm2.md: ~280
-tokens/s): ILD ≈ 35 min (both mixers and the all-MLA ILD), KD ≈ 15 min per trained row (16 steps of
-8 × 512 tokens) × 5 rows, evaluation ≈ 6 min per row × 9 rows: about 2 h of training, 3 h in all.
+With ``--work DIR`` every finished stage is kept there (the ILD banks, SMART's measurement, each trained
+row's weights and KD record, the evaluation after every window, the decode speeds); the same command
+run again continues after the last finished stage (a row killed inside KD is trained again from its
+start), and refuses a folder of other settings. Stage times are those of the run that did the stage.
+
+Expected cost on the 2-core development CPU, from the timed CPU recipe (recipes/smollm2-135m-zebra-distill.yaml:
+ILD of both mixers ≈ 23 s per layer and epoch on 32768 tokens, SMART ≈ 13 s per layer on 4096 tokens, a KD
+step of 8 × 512 tokens ≈ 60 s): ILD ≈ 23 min (2 epochs) + 12 min (the all-MLA row's), SMART ≈ 7 min, KD
+≈ 16 min per trained row × 5, the evaluation pass ≈ 27 min (8 models × 40 windows at 2048), decode ≈ 4
+min: about 2 h of training and 2.5 h in all, so run it with ``--work`` and continue it when cut off.
+KD at 8 × 512 tokens holds about 21 GB at its peak on this CPU (the activations of 30 layers kept for
+the backward).
 
 Smoke test on a tiny model (seconds; not a measurement):
 
@@ -54,16 +65,63 @@ from pathlib import Path
 import torch
 
 
-def ild_bank(teacher, tokens, ranks, mixers, args) -> tuple[dict, float]:
-    from compress.distill.ild import ILDConfig, LayerDistillation
+class Work:
+    """The run's stages on disk (``--work``): a rerun with the same settings continues after the last
+    finished stage (ILD banks, SMART, each trained row, each evaluated window), so the benchmark can be
+    run in pieces. Without ``--work`` nothing is kept."""
+
+    def __init__(self, folder: str | None, settings: dict):
+        self.folder = Path(folder) if folder else None
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stored = self.read("settings")
+        if stored is not None and stored != settings:
+            changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+            raise SystemExit(f"error: {self.folder} holds a run with other settings ({', '.join(changed)}); "
+                             "use another --work folder")
+        self.write("settings", settings)
+
+    def read(self, name: str):
+        path = self.folder / f"{name}.json" if self.folder else None
+        return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+    def write(self, name: str, value) -> None:
+        if self.folder is not None:
+            tmp = self.folder / f"{name}.json.tmp"
+            tmp.write_text(json.dumps(value, indent=1, default=str))
+            os.replace(tmp, self.folder / f"{name}.json")
+
+    def tensors(self, name: str) -> Path | None:
+        return self.folder / f"{name}.safetensors" if self.folder else None
+
+
+def ild_bank(teacher, tokens, ranks, mixers, args, work: Work, name: str) -> tuple[dict, float]:
+    from safetensors.torch import load_file, save_file
+
+    from compress.distill.ild import ILDConfig, LayerDistillation, unflatten
     from compress.walk import walk
 
+    done, path = work.read(name), work.tensors(name)
+    if done is not None and path.is_file():
+        flat = load_file(str(path))
+        layers: dict[int, dict] = {}
+        for key, tensor in flat.items():
+            index, _, rest = key.partition(".")
+            layers.setdefault(int(index), {})[rest] = tensor
+        print(f"{name}: from {path} ({done['seconds']:.0f} s when it ran)", flush=True)
+        return {i: unflatten(state) for i, state in layers.items()}, done["seconds"]
     method = LayerDistillation(ILDConfig(q_rank=ranks[0], kv_rank=ranks[1], rope_dim=ranks[2], mixers=mixers,
                                          epochs=args.ild_epochs, lr=args.ild_lr, seed=0))
     method.prepare(teacher)
     started = time.perf_counter()
     walk(teacher, tokens, [method], device="cpu", batch_size=args.batch_size)
-    return method.bank, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    if path is not None:
+        save_file({f"{i}.{kind}.{k}": v.contiguous() for i, kinds in method.bank.items()
+                   for kind, tensors in kinds.items() for k, v in tensors.items()}, str(path))
+        work.write(name, {"seconds": seconds})
+    return method.bank, seconds
 
 
 @torch.no_grad()
@@ -81,19 +139,46 @@ def decode_speed(model, context: int, steps: int) -> float:
     return steps / (time.perf_counter() - started)
 
 
-def measure(name, model, teacher, stream, args, train_tokens: int, train_seconds: float) -> dict:
-    from compress.metrics.cost import is_hybrid, kv_cache_fraction
-    from compress.metrics.fidelity import perplexity_and_fidelity
+@torch.no_grad()
+def evaluate_all(models: dict, teacher, stream, args, work: Work) -> dict[str, dict]:
+    """Perplexity, KL(teacher ‖ model) and top-1 agreement of every model on the same windows, in one pass:
+    per window the teacher runs once and its logits (streamed over vocabulary chunks) are shared by all
+    models; the teacher's own row is scored from the same source. Saved after every window."""
+    from compress.metrics.logits import logit_source, window_stats
+    from compress.metrics.perplexity import next_token_targets, window_starts
 
-    started = time.perf_counter()
-    ppl, fid = perplexity_and_fidelity(model, teacher, stream, args.eval_seqlen, args.windows)
-    row = {"row": name, "kv_fraction": kv_cache_fraction(model) if is_hybrid(model) else 1.0,
-           "perplexity": ppl.perplexity, "kl": fid.kl_divergence, "top1": fid.top1_agreement,
-           "decode_tok_s": decode_speed(model, args.decode_context, args.decode_steps),
-           "train_tokens": train_tokens, "train_seconds": round(train_seconds, 1),
-           "layers": getattr(model.config, "layer_types", None), "eval_seconds": round(time.perf_counter() - started)}
-    print(json.dumps(row), flush=True)
-    return row
+    starts = window_starts(stream.numel(), args.eval_seqlen, args.eval_seqlen, args.windows)
+    acc = work.read("evaluation") or {}
+    names = ["teacher", *models]
+    for name in names:
+        acc.setdefault(name, {"windows": 0, "losses": [], "kl_sum": 0.0, "agree": 0, "positions": 0, "seconds": 0.0})
+    for w, start in enumerate(starts):
+        if all(acc[name]["windows"] > w for name in names):
+            continue
+        ids = stream[start:start + args.eval_seqlen][None]
+        targets = next_token_targets(ids)
+        started = time.perf_counter()
+        reference = logit_source(teacher, ids)
+        shared_seconds = time.perf_counter() - started
+        for name in names:
+            if acc[name]["windows"] > w:
+                continue
+            started = time.perf_counter()
+            source = reference if name == "teacher" else models[name]
+            stats = window_stats(source, ids, reference=reference, targets=targets)
+            nll = (stats.logsumexp - stats.target_logit)[:-1]
+            a = acc[name]
+            a["losses"].append(nll.mean().item())
+            a["kl_sum"] += stats.kl.sum().item()
+            a["agree"] += int((stats.argmax == stats.ref_argmax).sum())
+            a["positions"] += ids.numel()
+            a["seconds"] += time.perf_counter() - started + (shared_seconds if name == "teacher" else 0.0)
+            a["windows"] = w + 1
+        work.write("evaluation", acc)
+        print(f"evaluated window {w + 1}/{len(starts)}", flush=True)
+    return {name: {"perplexity": math.exp(sum(a["losses"]) / len(a["losses"])), "kl": a["kl_sum"] / a["positions"],
+                   "top1": a["agree"] / a["positions"], "eval_seconds": round(a["seconds"])}
+            for name, a in acc.items() if name in names}
 
 
 def kd(student, teacher, plan, args, curve: list | None, stream) -> tuple[int, float]:
@@ -124,6 +209,24 @@ def kd(student, teacher, plan, args, curve: list | None, stream) -> tuple[int, f
     return int(plan.kd_tokens.numel()), time.perf_counter() - started - evaluating[0]
 
 
+def trained_row(key: str, build, teacher, plan, args, stream, work: Work, with_curve: bool) -> tuple:
+    """(student, record) of one KD row: trained here, or loaded from ``--work`` when it was trained before."""
+    from safetensors.torch import load_model, save_model
+
+    student, done, path = build(), work.read(key), work.tensors(key)
+    if done is not None and path.is_file():
+        load_model(student, str(path))
+        print(f"{key}: from {path}", flush=True)
+        return student.eval(), done
+    curve: list | None = [] if with_curve else None
+    tokens, seconds = kd(student, teacher, plan, args, curve, stream)
+    record = {"kd_tokens": tokens, "kd_seconds": seconds, "curve": curve}
+    if path is not None:
+        save_model(student, str(path))
+        work.write(key, record)
+    return student.eval(), record
+
+
 def placements(n: int, k: int, smart: list[int]) -> dict[str, list[int]]:
     from compress.distill.smart import evenly_spaced
 
@@ -139,7 +242,10 @@ def run(args) -> tuple[list[dict], list[dict], dict]:
     from compress.distill.plan import make_plan
     from compress.distill.smart import choose_layers, measure_sensitivities
     from compress.hybrid.build import build_mixer, hybrid_config, hybridize, parent_shape
+    from compress.metrics.cost import is_hybrid, kv_cache_fraction
 
+    settings = {k: v for k, v in vars(args).items() if k not in ("threads", "out", "work")}
+    work = Work(args.work, settings)
     loaded = compress.load(args.model)
     teacher, tok = loaded.model.eval(), loaded.tokenizer
     stream = evaluation_stream(tok, "wikitext2")
@@ -148,46 +254,68 @@ def run(args) -> tuple[list[dict], list[dict], dict]:
                            n_mla=args.n_mla, kv_rank=args.kv_rank, rope_dim=args.rope_dim)
     plan = make_plan(teacher, tok, config)
     n, ranks = plan.layers, plan.ranks
-    rows = [measure("teacher", teacher, teacher, stream, args, 0, 0.0)]
-    bank, ild_s = ild_bank(teacher, plan.ild_tokens, ranks, ["mla", "mamba2"], args)
+    bank, ild_s = ild_bank(teacher, plan.ild_tokens, ranks, ["mla", "mamba2"], args, work, "ild")
     ild_tokens = int(plan.ild_tokens.numel())
 
-    mla_config = hybrid_config(teacher.config, parent_shape(teacher), ["mla"] * n, *ranks)
-    student = assemble(teacher, bank, ["mamba2"] * n, ranks)
-    started = time.perf_counter()
-    smart = measure_sensitivities(
-        student, teacher, lambda i: load_mixer(build_mixer(mla_config, i, "mla"), bank[i]["mla"]),
-        plan.smart_tokens, args.batch_size, "cpu")
-    smart["chosen"] = choose_layers(smart["sensitivity"], plan.n_mla)
-    smart_s = time.perf_counter() - started
-    del student
+    smart_record = work.read("smart")
+    if smart_record is None:
+        mla_config = hybrid_config(teacher.config, parent_shape(teacher), ["mla"] * n, *ranks)
+        student = assemble(teacher, bank, ["mamba2"] * n, ranks)
+        started = time.perf_counter()
+        smart = measure_sensitivities(
+            student, teacher, lambda i: load_mixer(build_mixer(mla_config, i, "mla"), bank[i]["mla"]),
+            plan.smart_tokens, args.batch_size, "cpu")
+        smart["chosen"] = choose_layers(smart["sensitivity"], plan.n_mla)
+        smart_record = {"smart": smart, "seconds": time.perf_counter() - started}
+        work.write("smart", smart_record)
+        del student
+    smart, smart_s = smart_record["smart"], smart_record["seconds"]
     chosen = smart["chosen"]
 
     def types(mla):
         return ["mla" if i in mla else "mamba2" for i in range(n)]
 
-    untrained = hybridize(teacher, mla_layers=chosen, q_rank=ranks[0], kv_rank=ranks[1], rope_dim=ranks[2])
-    rows.append(measure("untrained hybrid (SMART layers)", untrained, teacher, stream, args, 0, 0.0))
-    rows.append(measure("after ILD (SMART layers)", assemble(teacher, bank, types(chosen), ranks), teacher, stream,
-                        args, ild_tokens, ild_s + smart_s))
+    # (label, model, train tokens, train seconds); KD rows are trained (or loaded) one after the other
+    rows = [("untrained hybrid (SMART layers)",
+             hybridize(teacher, mla_layers=chosen, q_rank=ranks[0], kv_rank=ranks[1], rope_dim=ranks[2]), 0, 0.0),
+            ("after ILD (SMART layers)", assemble(teacher, bank, types(chosen), ranks), ild_tokens, ild_s + smart_s)]
     curve: list[dict] = []
     for label, mla in placements(n, plan.n_mla, chosen).items():
-        student = assemble(teacher, bank, types(mla), ranks)
-        tokens, seconds = kd(student, teacher, plan, args, curve if label == "SMART" else None, stream)
-        rows.append(measure(f"ILD + KD, {label} {mla}", student, teacher, stream, args, ild_tokens + tokens,
-                            ild_s + (smart_s if label == "SMART" else 0.0) + seconds))
+        student, record = trained_row(f"kd-{label.replace(' ', '-').lower()}",
+                                      lambda mla=mla: assemble(teacher, bank, types(mla), ranks),
+                                      teacher, plan, args, stream, work, label == "SMART")
+        curve = record["curve"] if label == "SMART" else curve
+        rows.append((f"ILD + KD, {label} {mla}", student, ild_tokens + record["kd_tokens"],
+                     ild_s + (smart_s if label == "SMART" else 0.0) + record["kd_seconds"]))
     half = ["attention" if i % 2 == 0 else "mamba2" for i in range(n)]
-    student = assemble(teacher, bank, half, ranks)
-    tokens, seconds = kd(student, teacher, plan, args, None, stream)
-    rows.append(measure("ILD + KD, 50% attention (MambaInLlama-style)", student, teacher, stream, args,
-                        ild_tokens + tokens, ild_s / 2 + seconds))  # only its Mamba2 mixers' half of the ILD
+    student, record = trained_row("kd-half-attention", lambda: assemble(teacher, bank, half, ranks),
+                                  teacher, plan, args, stream, work, False)
+    rows.append(("ILD + KD, 50% attention (MambaInLlama-style)", student, ild_tokens + record["kd_tokens"],
+                 ild_s / 2 + record["kd_seconds"]))  # only its Mamba2 mixers' half of the ILD
     small = (ranks[0], args.all_mla_kv_rank, args.all_mla_rope_dim)
-    mla_bank, mla_s = ild_bank(teacher, plan.ild_tokens, small, ["mla"], args)
-    student = assemble(teacher, mla_bank, ["mla"] * n, small)
-    tokens, seconds = kd(student, teacher, plan, args, None, stream)
-    rows.append(measure(f"ILD + KD, all-MLA r_kv {small[1]} d_rope {small[2]}", student, teacher, stream, args,
-                        ild_tokens + tokens, mla_s + seconds))
-    return rows, curve, {"smart": smart, "plan": plan.summary(), "ild_seconds": ild_s, "smart_seconds": smart_s}
+    mla_bank, mla_s = ild_bank(teacher, plan.ild_tokens, small, ["mla"], args, work, "ild-all-mla")
+    student, record = trained_row("kd-all-mla", lambda: assemble(teacher, mla_bank, ["mla"] * n, small),
+                                  teacher, plan, args, stream, work, False)
+    rows.append((f"ILD + KD, all-MLA r_kv {small[1]} d_rope {small[2]}", student, ild_tokens + record["kd_tokens"],
+                 mla_s + record["kd_seconds"]))
+
+    metrics = evaluate_all({label: model for label, model, _, _ in rows}, teacher, stream, args, work)
+    # decode speed depends on the layer kinds' counts, not their places: measured once per architecture
+    speeds = work.read("decode") or {}
+    out = []
+    for label, model, tokens, seconds in [("teacher", teacher, 0, 0.0), *rows]:
+        kinds = getattr(model.config, "layer_types", None) or ["attention"] * n
+        arch = ",".join(f"{t}:{kinds.count(t)}" for t in sorted(set(kinds)))
+        if arch not in speeds:
+            speeds[arch] = decode_speed(model, args.decode_context, args.decode_steps)
+            work.write("decode", speeds)
+        row = {"row": label, "kv_fraction": kv_cache_fraction(model) if is_hybrid(model) else 1.0, **metrics[label],
+               "decode_tok_s": speeds[arch], "train_tokens": tokens, "train_seconds": round(seconds, 1),
+               "layers": getattr(model.config, "layer_types", None)}
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out, curve, {"smart": smart, "plan": plan.summary(), "ild_seconds": ild_s, "smart_seconds": smart_s,
+                        "all_mla_ild_seconds": mla_s, "decode_by_architecture": speeds}
 
 
 def report(rows, curve, extra, args) -> list[str]:
@@ -248,6 +376,7 @@ def main() -> None:
     parser.add_argument("--curve-points", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--work", default=None, help="keep every finished stage here; a rerun continues")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.time()

@@ -104,29 +104,47 @@ def evenly_spaced(n: int, k: int) -> list[int]:
 # ---------------------------------------------------------------- measurement
 
 @torch.no_grad()
-def mean_kl(student, teacher, tokens: torch.Tensor, batch_size: int, device) -> float:
-    """Mean KL(teacher ‖ student) per position over ``tokens`` (N, L), full vocabulary, float64."""
+def mean_kl(student, teacher, tokens: torch.Tensor, batch_size: int, device, references: list | None = None) -> float:
+    """Mean KL(teacher ‖ student) per position over ``tokens`` (N, L), full vocabulary, float64.
+    ``references``: the teacher's :class:`~compress.metrics.logits.LogitSource` per batch, when computed
+    already (:func:`teacher_sources`)."""
     from compress.metrics.logits import window_stats
 
     total, count = 0.0, 0
-    for start in range(0, tokens.shape[0], batch_size):
+    for b, start in enumerate(range(0, tokens.shape[0], batch_size)):
         ids = tokens[start:start + batch_size].to(device)
-        stats = window_stats(student, ids, reference=teacher)
+        stats = window_stats(student, ids, reference=teacher if references is None else references[b])
         total += float(stats.kl.sum())
         count += stats.kl.numel()
     return total / max(count, 1)
 
 
 @torch.no_grad()
+def teacher_sources(teacher, tokens: torch.Tensor, batch_size: int, device) -> list | None:
+    """The teacher's logit sources of every batch, kept for the many KL measurements when they are its
+    last hidden states (a plain head: N·L·H floats); None when they would be full logits."""
+    from compress.metrics.logits import logit_source
+
+    sources = []
+    for start in range(0, tokens.shape[0], batch_size):
+        source = logit_source(teacher, tokens[start:start + batch_size].to(device))
+        if source.hidden is None:
+            return None
+        sources.append(source)
+    return sources
+
+
+@torch.no_grad()
 def measure_sensitivities(student, teacher, mla_mixer, tokens: torch.Tensor, batch_size: int, device) -> dict:
     """SMART's measurement (module docstring) on the all-Mamba2 ``student``: ``mla_mixer(i)`` gives layer
     i's ILD'd MLA mixer. Each swap is undone before the next. Returns the base KL, each layer's KL with
-    its MLA mixer and the sensitivities (base − swapped)."""
+    its MLA mixer and the sensitivities (base − swapped). The teacher runs once per batch, not per swap."""
     from compress.progress import bar
 
     student.to(device).eval()
     teacher.to(device).eval()
-    base = mean_kl(student, teacher, tokens, batch_size, device)
+    references = teacher_sources(teacher, tokens, batch_size, device)
+    base = mean_kl(student, teacher, tokens, batch_size, device, references)
     layers = student.model.layers
     swapped: list[float] = []
     progress = bar("SMART: swapping one layer to MLA", total=len(layers), unit="layer")
@@ -135,7 +153,7 @@ def measure_sensitivities(student, teacher, mla_mixer, tokens: torch.Tensor, bat
             own = layer.self_attn
             layer.self_attn = mla_mixer(index).to(device)
             try:
-                swapped.append(mean_kl(student, teacher, tokens, batch_size, device))
+                swapped.append(mean_kl(student, teacher, tokens, batch_size, device, references))
             finally:
                 layer.self_attn = own
             progress.update(1)

@@ -44,7 +44,7 @@ class LogitSource:
         return nn.functional.linear(self.hidden, self.head.weight[start:stop], bias).double()
 
 
-def _plain_head(model) -> tuple[nn.Module, nn.Linear] | None:
+def plain_head(model) -> tuple[nn.Module, nn.Linear] | None:
     """(decoder, head) when logits are exactly ``head(decoder(...).last_hidden_state)``, else None."""
     get_decoder, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
     if get_decoder is None or get_head is None:
@@ -67,7 +67,7 @@ def logit_source(model, ids: torch.Tensor) -> LogitSource:
     """Run ``model`` on ``ids`` (b, L) once; positions come back flattened to b·L rows."""
     device = next(model.parameters()).device
     ids = ids.to(device)
-    plain = _plain_head(model)
+    plain = plain_head(model)
     if plain is not None:
         decoder, head = plain
         hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
@@ -121,9 +121,11 @@ def window_stats(model, ids: torch.Tensor, reference=None, targets: torch.Tensor
 
     ``targets`` (b, L): the token whose logit to keep at each position (any value where unused).
     ``chunk``: vocabulary rows per step (default: about 4M logits per step).
+    ``model`` or ``reference`` may be a :class:`LogitSource` already computed on ``ids`` (one reference
+    forward shared by several models).
     """
-    src = logit_source(model, ids)
-    ref = logit_source(reference, ids) if reference is not None else None
+    src = model if isinstance(model, LogitSource) else logit_source(model, ids)
+    ref = reference if reference is None or isinstance(reference, LogitSource) else logit_source(reference, ids)
     if ref is not None and ref.vocab != src.vocab:
         raise CompressError(f"the model has {src.vocab} output tokens, the reference {ref.vocab}: "
                             f"fidelity needs the same vocabulary")

@@ -99,7 +99,10 @@ class KLDistillLoss(_Teacher, TokenLoss):
     summed over the labelled positions, over the full vocabulary, with float32 log-softmax of both.
     The T² factor (our choice, as in Hinton et al.) keeps the gradient's size about independent of
     the temperature, so a learning rate found at T = 1 still fits; at T = 1 it is the plain KL.
-    Teacher and student must share the vocabulary (the same logits width).
+    Teacher and student must share the vocabulary (the same logits width). When the student's logits
+    are a plain linear head on its last hidden state (the LLaMA family, the hybrids), the head and the
+    KL run one chunk of positions at a time (:mod:`compress.train.fused_kl`): the same loss and
+    gradients without a batch's full logits.
     """
 
     def __init__(self, teacher: torch.nn.Module, temperature: float = 1.0):
@@ -109,13 +112,40 @@ class KLDistillLoss(_Teacher, TokenLoss):
         self.temperature = float(temperature)
 
     def __call__(self, model, batch):
+        from compress.train.fused_kl import linear_kl, student_hidden
+
         keep = labelled_positions(batch)
-        student = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
-        teacher = self.teacher_outputs(batch).logits[:, :-1][keep]
-        if teacher.shape[-1] != student.shape[-1]:
-            raise CompressError(f"teacher and student vocabularies differ ({teacher.shape[-1]} vs "
-                                f"{student.shape[-1]} logits)")
-        return kl_sum(student, teacher, self.temperature), int(keep.sum())
+        fused = student_hidden(model, batch)  # a plain head: the KL chunk by chunk (compress.train.fused_kl)
+        if fused is None:
+            student = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
+            teacher = self.teacher_outputs(batch).logits[:, :-1][keep]
+            self._check_vocab(student.shape[-1], teacher.shape[-1])
+            return kl_sum(student, teacher, self.temperature), int(keep.sum())
+        hidden, head = fused
+        teacher = self.teacher_source(batch, keep)
+        self._check_vocab(head.weight.shape[0],
+                          teacher[1].weight.shape[0] if isinstance(teacher, tuple) else teacher.shape[-1])
+        return linear_kl(hidden[:, :-1][keep], head, teacher, self.temperature), int(keep.sum())
+
+    @torch.no_grad()
+    def teacher_source(self, batch: dict[str, torch.Tensor], keep: torch.Tensor):
+        """The teacher at the kept positions: (last hidden states, head) when its logits are a plain head on
+        them, else its logits."""
+        from compress.metrics.logits import plain_head
+
+        plain = plain_head(self.teacher)
+        if plain is None:
+            return self.teacher_outputs(batch).logits[:, :-1][keep]
+        decoder, head = plain
+        if next(self.teacher.parameters()).device != batch["input_ids"].device:
+            self.teacher.to(batch["input_ids"].device)
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return hidden.last_hidden_state[:, :-1][keep], head
+
+    @staticmethod
+    def _check_vocab(student: int, teacher: int) -> None:
+        if teacher != student:
+            raise CompressError(f"teacher and student vocabularies differ ({teacher} vs {student} logits)")
 
 
 def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -87,8 +87,12 @@ def test_measurement_is_the_kl_drop_of_swapping_one_layer(one_thread):
         layer.self_attn = _Shift(0.0)  # the "all-Mamba2" student: no token mixing at all
     tokens = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
     swaps = {i: teacher.model.layers[i].self_attn for i in range(3)}  # "MLA" = the teacher's own mixer
+    calls = []
+    hook = teacher.model.register_forward_hook(lambda *a: calls.append(1))
     measured = measure_sensitivities(student, teacher, swaps.__getitem__, tokens, batch_size=2, device="cpu")
-    base = mean_kl(student, teacher, tokens, 2, "cpu")
+    hook.remove()
+    assert len(calls) == 2  # the teacher ran once per batch (3 windows, batches of 2), not once per swap
+    base = mean_kl(student, teacher, tokens, 2, "cpu")  # the teacher recomputed: the same KL
     assert measured["base_kl"] == pytest.approx(base, rel=1e-9) and base > 1e-3
     for i in range(3):
         own = student.model.layers[i].self_attn

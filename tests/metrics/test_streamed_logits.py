@@ -67,3 +67,20 @@ def test_a_head_that_is_not_a_plain_linear_falls_back_to_full_logits(one_thread)
     got = fidelity(model, reference, STREAM, seqlen=32, windows=2)
     assert got.kl_divergence == pytest.approx(kl.mean().item(), abs=1e-9, rel=0)
     assert got.top1_agreement == agree.double().mean().item()
+
+
+def test_a_precomputed_reference_source_gives_the_same_stats(one_thread):
+    """One reference forward shared by several models (evaluation/bench_distill.py's pass) changes nothing."""
+    from compress.metrics.logits import logit_source
+
+    models, reference = [make_tiny_llama(seed=s) for s in (1, 2)], make_tiny_llama(seed=0)
+    ids = STREAM[:64].view(2, 32)
+    targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
+    shared = logit_source(reference, ids)
+    for model in models:
+        kl, agree, nll = dense(model, reference, ids)
+        stats = window_stats(model, ids, reference=shared, targets=targets)
+        assert torch.allclose(stats.kl.view(2, 32), kl, atol=1e-7, rtol=0) and kl.min() > 0
+        assert torch.equal((stats.argmax == stats.ref_argmax).view(2, 32), agree)
+    own = window_stats(shared, ids, reference=shared, targets=targets)  # the reference against itself
+    assert own.kl.abs().max() < 1e-9 and torch.equal(own.argmax, own.ref_argmax)

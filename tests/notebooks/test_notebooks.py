@@ -24,7 +24,7 @@ NOTEBOOKS = REPO / "notebooks"
 sys.path.insert(0, str(NOTEBOOKS))
 import run_notebook  # noqa: E402  (notebooks/run_notebook.py: how the tests and users execute a notebook)
 
-EXPECTED = ["adapters", "pruning_tradeoffs", "quantization_tradeoffs", "search", "stacking", "transfer"]
+EXPECTED = ["adapters", "hybrids", "pruning_tradeoffs", "quantization_tradeoffs", "search", "stacking", "transfer"]
 
 
 def defaults(name: str) -> dict:
@@ -212,6 +212,48 @@ def test_adapters(smollm2, tmp_path):
     for run in runs.values():
         assert [s for s, _ in run["eval_losses"]] == steps and len(run["train_losses"]) == d["steps"]
         assert run["eval_losses"][-1][1] < run["eval_losses"][0][1]  # it learns
+
+
+@pytest.mark.slow
+def test_hybrids(smollm2_folder, tmp_path):
+    """The hybrids notebook: every layout's KV fraction from the config's shapes, the parent's perplexity
+    from transformers' own loss, ILD lowering every layer's Mamba2 distance and every Mamba2 hybrid's KL,
+    SMART's choices within its rule, and the KD'd hybrid reloading to the same perplexity."""
+    from compress.distill.smart import satisfies_rule
+
+    d = defaults("hybrids")
+    out, results = execute("hybrids", tmp_path)
+    assert_png_has_content(out / "hybrids.png")
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(smollm2_folder)
+    n, per_layer = c.num_hidden_layers, 2 * c.num_key_value_heads * c.hidden_size // c.num_attention_heads
+    rows = results["rows"]
+    parent = rows[0]
+    assert parent["hybrid"] == "parent" and parent["kl"] == pytest.approx(0, abs=1e-9) and parent["top1"] == 1.0
+    assert parent["perplexity"] == pytest.approx(hf_perplexity(smollm2_folder, d["eval_seqlen"], d["eval_windows"]),
+                                                 rel=1e-4)
+    hybrids = [r for r in rows[1:] if r["weights"] in ("ILD", "untrained")]
+    assert len(hybrids) == 2 * (len(d["n_mla"]) + 3)
+    for r in rows[1:]:  # r_kv + d_rope per MLA layer, the parent's K and V per attention layer
+        kinds = r["layer_types"]
+        expected = (kinds.count("mla") * (d["kv_rank"] + d["rope_dim"]) + kinds.count("attention") * per_layer) \
+            / (n * per_layer)
+        assert r["kv_fraction"] == pytest.approx(expected, rel=1e-12), r["hybrid"]
+    for record in results["ild"]["distances"]:  # ILD never leaves a mixer further from the teacher layer
+        assert record["mamba2 after"] < record["mamba2 before"] and record["mla after"] <= record["mla before"]
+    by = {(r["hybrid"], r["weights"]): r for r in hybrids}
+    for name, weights in by:  # ILD closes part of the gap wherever some MLA or attention layers stay; the
+        kinds = by[(name, weights)]["layer_types"]  # all-Mamba2 ILD'd on 4 steps is worse than untrained
+        if weights == "ILD" and set(kinds) != {"mamba2"}:
+            assert by[(name, "ILD")]["kl"] < 0.95 * by[(name, "untrained")]["kl"], name
+    for k, chosen in results["smart"]["choices"].items():
+        assert len(chosen) == int(k) and satisfies_rule(chosen, n, int(k)), (k, chosen)
+    kd = rows[-1]
+    assert kd["weights"].startswith("ILD + KD") and len(kd["kd_losses"]) == d["kd_steps"]
+    assert kd["kl"] < 0.9 * by[(kd["hybrid"], "ILD")]["kl"]  # two KD steps already lower the KL
+    assert kd["reloaded_perplexity"] == pytest.approx(kd["perplexity"], rel=1e-5)
+    assert kd["kd_tokens"] == d["kd_steps"] * d["kd_batch"] * d["seqlen"]
 
 
 def test_wrong_parameter_type_is_one_clear_error_before_any_kernel():
