@@ -99,18 +99,14 @@ class Work:
 def ild_bank(teacher, tokens, ranks, mixers, args, work: Work, name: str) -> tuple[dict, float]:
     from safetensors.torch import load_file, save_file
 
-    from compress.distill.ild import ILDConfig, LayerDistillation, unflatten
+    from compress.distill.ild import ILDConfig, LayerDistillation
+    from compress.distill.state import flatten_bank, unflatten_bank
     from compress.walk import walk
 
     done, path = work.read(name), work.tensors(name)
     if done is not None and path.is_file():
-        flat = load_file(str(path))
-        layers: dict[int, dict] = {}
-        for key, tensor in flat.items():
-            index, _, rest = key.partition(".")
-            layers.setdefault(int(index), {})[rest] = tensor
         print(f"{name}: from {path} ({done['seconds']:.0f} s when it ran)", flush=True)
-        return {i: unflatten(state) for i, state in layers.items()}, done["seconds"]
+        return unflatten_bank(load_file(str(path))), done["seconds"]
     method = LayerDistillation(ILDConfig(q_rank=ranks[0], kv_rank=ranks[1], rope_dim=ranks[2], mixers=mixers,
                                          epochs=args.ild_epochs, lr=args.ild_lr, seed=0))
     method.prepare(teacher)
@@ -118,8 +114,7 @@ def ild_bank(teacher, tokens, ranks, mixers, args, work: Work, name: str) -> tup
     walk(teacher, tokens, [method], device="cpu", batch_size=args.batch_size)
     seconds = time.perf_counter() - started
     if path is not None:
-        save_file({f"{i}.{kind}.{k}": v.contiguous() for i, kinds in method.bank.items()
-                   for kind, tensors in kinds.items() for k, v in tensors.items()}, str(path))
+        save_file(flatten_bank(method.bank), str(path))
         work.write(name, {"seconds": seconds})
     return method.bank, seconds
 
@@ -144,8 +139,9 @@ def evaluate_all(models: dict, teacher, stream, args, work: Work) -> dict[str, d
     """Perplexity, KL(teacher ‖ model) and top-1 agreement of every model on the same windows, in one pass:
     per window the teacher runs once and its logits (streamed over vocabulary chunks) are shared by all
     models; the teacher's own row is scored from the same source. Saved after every window."""
-    from compress.metrics.logits import logit_source, window_stats
-    from compress.metrics.perplexity import next_token_targets, window_starts
+    from compress.metrics.fidelity import window_fidelity
+    from compress.metrics.logits import logit_source
+    from compress.metrics.perplexity import window_starts
 
     starts = window_starts(stream.numel(), args.eval_seqlen, args.eval_seqlen, args.windows)
     acc = work.read("evaluation") or {}
@@ -156,7 +152,6 @@ def evaluate_all(models: dict, teacher, stream, args, work: Work) -> dict[str, d
         if all(acc[name]["windows"] > w for name in names):
             continue
         ids = stream[start:start + args.eval_seqlen][None]
-        targets = next_token_targets(ids)
         started = time.perf_counter()
         reference = logit_source(teacher, ids)
         shared_seconds = time.perf_counter() - started
@@ -164,13 +159,11 @@ def evaluate_all(models: dict, teacher, stream, args, work: Work) -> dict[str, d
             if acc[name]["windows"] > w:
                 continue
             started = time.perf_counter()
-            source = reference if name == "teacher" else models[name]
-            stats = window_stats(source, ids, reference=reference, targets=targets)
-            nll = (stats.logsumexp - stats.target_logit)[:-1]
+            nll, kl, agreeing = window_fidelity(reference if name == "teacher" else models[name], ids, reference)
             a = acc[name]
-            a["losses"].append(nll.mean().item())
-            a["kl_sum"] += stats.kl.sum().item()
-            a["agree"] += int((stats.argmax == stats.ref_argmax).sum())
+            a["losses"].append(nll.item())
+            a["kl_sum"] += kl.item()
+            a["agree"] += agreeing
             a["positions"] += ids.numel()
             a["seconds"] += time.perf_counter() - started + (shared_seconds if name == "teacher" else 0.0)
             a["windows"] = w + 1

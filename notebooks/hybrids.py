@@ -142,8 +142,9 @@ print("SMART's choices:", choices)
 # %%
 from compress.hybrid.build import hybridize
 from compress.metrics.cost import kv_cache_fraction
-from compress.metrics.logits import logit_source, window_stats
-from compress.metrics.perplexity import next_token_targets, window_starts
+from compress.metrics.fidelity import window_fidelity
+from compress.metrics.logits import logit_source
+from compress.metrics.perplexity import window_starts
 
 
 def kinds_with(mla):
@@ -165,11 +166,10 @@ def score(m) -> dict:
     logits (both streamed over vocabulary chunks); ``m`` None scores the parent itself."""
     nll, kl, agree, positions = 0.0, 0.0, 0, 0
     for ids, reference in zip(windows, references):
-        stats = window_stats(reference if m is None else m.eval(), ids, reference=reference,
-                             targets=next_token_targets(ids))
-        nll += (stats.logsumexp - stats.target_logit)[:-1].mean().item()
-        kl += stats.kl.sum().item()
-        agree += int((stats.argmax == stats.ref_argmax).sum())
+        window_nll, window_kl, agreeing = window_fidelity(reference if m is None else m.eval(), ids, reference)
+        nll += window_nll.item()
+        kl += window_kl.item()
+        agree += agreeing
         positions += ids.numel()
     return {"perplexity": math.exp(nll / len(windows)), "kl": kl / positions, "top1": agree / positions}
 

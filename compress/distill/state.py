@@ -93,10 +93,8 @@ class DistillState:
     def save_shard(self, rank: int, world: int, bank: dict, records: dict[int, dict]) -> None:
         """Process ``rank``'s ILD'd mixers and records (the json is written last: it commits the shard)."""
         base = self._shard(rank, world)
-        tensors = {f"{index}.{kind}.{name}": t.contiguous() for index, kinds in bank.items()
-                   for kind, state in kinds.items() for name, t in state.items()}
         tmp = base.with_suffix(".safetensors.tmp")
-        save_file(tensors, str(tmp))
+        save_file(flatten_bank(bank), str(tmp))
         os.replace(tmp, base.with_suffix(".safetensors"))
         _write_json(base.with_suffix(".json"), {str(k): v for k, v in records.items()})
 
@@ -113,9 +111,7 @@ class DistillState:
                 raise CompressError(f"state folder {self.dir}: {base.name} is missing or corrupt "
                                     f"({' '.join(str(exc).split())}); remove the folder to start over") from None
             records.update({int(k): v for k, v in part.items()})
-            for key, tensor in tensors.items():
-                index, kind, name = key.split(".", 2)
-                bank.setdefault(int(index), {}).setdefault(kind, {})[name] = tensor
+            bank.update(unflatten_bank(tensors))
         missing = [i for i in range(layers) if i not in records or i not in bank]
         if missing:
             raise CompressError(f"state folder {self.dir}: layer {missing[0]} has no ILD result; remove the folder "
@@ -139,6 +135,21 @@ class DistillState:
     @property
     def kd_dir(self) -> Path:
         return self.dir / "kd"
+
+
+def flatten_bank(bank: dict) -> dict[str, torch.Tensor]:
+    """An ILD bank (``bank[layer][kind][tensor name]``) as safetensors' flat ``<layer>.<kind>.<name>`` dict."""
+    return {f"{index}.{kind}.{name}": t.contiguous() for index, kinds in bank.items()
+            for kind, state in kinds.items() for name, t in state.items()}
+
+
+def unflatten_bank(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+    """The inverse of :func:`flatten_bank`."""
+    bank: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, tensor in tensors.items():
+        index, kind, name = key.split(".", 2)
+        bank.setdefault(int(index), {}).setdefault(kind, {})[name] = tensor
+    return bank
 
 
 def _write_json(path: Path, value) -> None:

@@ -45,11 +45,10 @@ def perplexity_and_fidelity(model, reference, stream: torch.Tensor, seqlen: int,
     progress = bar(f"perplexity and fidelity @ {seqlen}", total=len(starts), unit="win")
     for b in range(0, len(starts), batch_size):
         ids = torch.stack([stream[s:s + seqlen] for s in starts[b:b + batch_size]])  # (b, L)
-        stats = window_stats(model, ids, reference=reference, targets=next_token_targets(ids))
-        nll = (stats.logsumexp - stats.target_logit).view(ids.shape)[:, :-1]  # (b, L-1)
-        losses.extend(nll.mean(dim=1))
-        kl_sum += stats.kl.sum()
-        agree += (stats.argmax == stats.ref_argmax).sum().item()
+        nll, kl, agreeing = window_fidelity(model, ids, reference)
+        losses.extend(nll)
+        kl_sum += kl
+        agree += agreeing
         positions += ids.numel()
         progress.update(ids.shape[0])
     progress.close()
@@ -59,6 +58,16 @@ def perplexity_and_fidelity(model, reference, stream: torch.Tensor, seqlen: int,
                            seconds=time.perf_counter() - start_time)
     return ppl, FidelityResult(kl_divergence=(kl_sum / positions).item(), top1_agreement=agree / positions,
                                positions=positions)
+
+
+@torch.no_grad()
+def window_fidelity(model, ids: torch.Tensor, reference) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One batch of windows ``ids`` (b, L): each window's mean next-token loss (b,), the summed
+    KL(reference ‖ model) over its b·L positions (float64) and how many of them agree on the top-1 token.
+    ``model`` / ``reference`` may be :class:`~compress.metrics.logits.LogitSource` s computed already."""
+    stats = window_stats(model, ids, reference=reference, targets=next_token_targets(ids))
+    nll = (stats.logsumexp - stats.target_logit).view(ids.shape)[:, :-1]  # (b, L-1)
+    return nll.mean(dim=1), stats.kl.sum(), int((stats.argmax == stats.ref_argmax).sum())
 
 
 def fidelity(model, reference, stream: torch.Tensor, seqlen: int, windows: int | None = None,

@@ -81,12 +81,15 @@ class _Teacher:
     def __init__(self, teacher: torch.nn.Module):
         self.teacher = teacher.eval()
 
-    @torch.no_grad()
-    def teacher_outputs(self, batch: dict[str, torch.Tensor], **kwargs):
+    def _on_batch_device(self, batch: dict[str, torch.Tensor]) -> None:
         device = batch["input_ids"].device
         first = next(self.teacher.parameters(), None)
         if first is not None and first.device != device:
             self.teacher.to(device)
+
+    @torch.no_grad()
+    def teacher_outputs(self, batch: dict[str, torch.Tensor], **kwargs):
+        self._on_batch_device(batch)
         return self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
 
 
@@ -137,8 +140,7 @@ class KLDistillLoss(_Teacher, TokenLoss):
         if plain is None:
             return self.teacher_outputs(batch).logits[:, :-1][keep]
         decoder, head = plain
-        if next(self.teacher.parameters()).device != batch["input_ids"].device:
-            self.teacher.to(batch["input_ids"].device)
+        self._on_batch_device(batch)
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         return hidden.last_hidden_state[:, :-1][keep], head
 
