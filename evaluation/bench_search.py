@@ -4,9 +4,12 @@ One run, one process, the same calibration tokens for every row (``--samples`` �
 the WikiText-2 train excerpt, seed 0: the search's own calibration). Per budget B (a fraction of the
 parent's decoder parameters):
 
-* search: the front member within B (``compress search export --budget B``), plain slice;
-* search + compensate: the same widths, weights re-derived by SlimGPT's OBS (``--compensate slimgpt``);
-* search + compensate + distill: then ``--distill`` steps of KD from the parent;
+* search (plain): the front member within B (``compress search export --budget B --compensate none``), the
+  parent's weights sliced;
+* search + refit: the same member as the search scored it (the default ``--compensate searched``: with OBS
+  candidates the kept o_proj/down_proj columns refit to the parent's outputs);
+* search + slimgpt: the same widths, weights re-derived by SlimGPT's OBS (``--compensate slimgpt``);
+* search + refit + distill: then ``--distill`` steps of KD from the parent;
 * SlimGPT log (the paper), SlimGPT log + bias (the best setting of bench_prune at 50 %), FLAP and ShortGPT
   at ratio 1 − B on the same tokens;
 * at one budget, a second search after ``--supernet-steps`` of super-network training.
@@ -15,7 +18,10 @@ Measured on WikiText-2 test: perplexity at 2048 over the first ``--windows`` win
 per token and top-1 agreement over the first ``--kl-windows`` windows of ``--kl-seqlen`` tokens (the
 parent's log-probabilities cached once); prefill (512 tokens) and decode (32 tokens) tokens/s, best of
 2, divided by the parent's in the same run; wall time of each step. Then Kendall's τ between the
-search's proxy (and its calibration KL) and the perplexity of ``--tau`` exported front members.
+search's proxy (and its calibration KL) and the perplexity of ``--tau`` exported front members (as scored).
+
+Every finished row is appended to ``--work``/rows.jsonl; ``--resume`` continues a cut-off run after its last
+finished row (the search from its own checkpoint; speed ratios against the parent timed in the new process).
 
     python -m evaluation.bench_search --out evaluation/results/search-smollm2.md
 """
@@ -111,13 +117,24 @@ def main() -> None:
     ap.add_argument("--speed-only", action="store_true",
                     help="only time the parent and the exported searched models a previous run left in --work "
                          "(best of 5, one process): for an idle machine after a contended full run")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue a cut-off run in --work: finished rows (rows.jsonl) are kept, the search resumes")
     args = ap.parse_args()
     if args.speed_only:
         return speed_only(args)
     torch.manual_seed(0)
     work = Path(args.work)
     previous = None
-    if args.reuse_search and (work / "run" / "search.json").is_file():
+    done: dict[str, dict] = {}
+    if args.resume and (work / "rows.jsonl").is_file():
+        settings = json.loads((work / "settings.json").read_text())
+        if settings != vars(args) | {"resume": settings["resume"], "out": settings["out"]}:
+            raise SystemExit(f"{work} holds a run with other settings: {settings}")
+        for line in (work / "rows.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            done[row["key"]] = row
+        print(f"resuming: {len(done)} finished rows", flush=True)
+    elif args.reuse_search and (work / "run" / "search.json").is_file():
         previous = json.loads((work / "run" / "search.json").read_text())
         for child in work.iterdir():
             if child.name != "run":
@@ -125,6 +142,16 @@ def main() -> None:
     else:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
+    if not done:
+        (work / "settings.json").write_text(json.dumps(vars(args)))
+    rows_file = (work / "rows.jsonl").open("a")
+
+    def finished(key: str, row: dict) -> dict:
+        row = {"key": key, **row}
+        rows_file.write(json.dumps(row) + "\n")
+        rows_file.flush()
+        print(json.dumps(row), flush=True)
+        return row
     started = time.perf_counter()
     source = resolve_model_path(args.model)
     loaded = load_model(source)
@@ -132,8 +159,8 @@ def main() -> None:
     tokens = calibration_tokens(parent, tokenizer, "wikitext2", args.samples, args.seqlen, 0)
     prune_tokens = calibration_tokens(parent, tokenizer, "wikitext2", args.prune_samples, args.prune_seqlen, 0)
     meter = Meter(args, tokenizer, parent)
-    rows = [{"row": "parent", "budget": 1.0, **meter(parent), "seconds": 0.0}]
-    print(json.dumps(rows[-1]), flush=True)
+    rows = [done.get("parent") or finished("parent", {"row": "parent", "budget": 1.0, **meter(parent),
+                                                          "seconds": 0.0})]
     if args.baselines_only:
         for budget in args.budgets:
             for name in args.baselines:
@@ -146,62 +173,87 @@ def main() -> None:
                              "seconds": round(time.perf_counter() - start, 1)})
                 print(json.dumps(rows[-1]), flush=True)
         return report_baselines(args, rows)
-    start = time.perf_counter()
-    with torch.no_grad():
-        for b in range(0, tokens.shape[0], 8):
-            parent(input_ids=tokens[b:b + 8], use_cache=False)
-    forward = time.perf_counter() - start
+    if "forward" in done:
+        forward = done["forward"]["seconds"]
+    else:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for b in range(0, tokens.shape[0], 8):
+                parent(input_ids=tokens[b:b + 8], use_cache=False)
+        forward = finished("forward", {"seconds": time.perf_counter() - start})["seconds"]
     del parent
 
     config = SearchConfig(budgets=sorted(args.budgets), population=args.population, generations=args.generations,
                           samples=args.samples, seqlen=args.seqlen)
     start = time.perf_counter()
-    record = Search(args.model, work / "run", config, device="cpu", resume=previous is not None).run()
-    search_seconds = previous["seconds"] if previous else time.perf_counter() - start
+    resume = (work / "run" / "search.json").is_file()
+    if not resume:
+        shutil.rmtree(work / "run", ignore_errors=True)  # cut off before its first record
+    before = json.loads((work / "run" / "search.json").read_text()) if resume else None
+    record = Search(args.model, work / "run", config, device="cpu", resume=resume).run()
+    if before is not None and len(before["candidates"]) == len(record["candidates"]):
+        previous = previous or before  # a finished search replayed: its own wall time, not the replay's
+    search_seconds = previous["seconds"] if previous else record.get("seconds", time.perf_counter() - start)
     print(f"search: {search_seconds:.0f} s, {len(record['candidates'])} candidates", flush=True)
 
-    def add(name, budget, folder_or_model, seconds, extra=None):
+    def add(key, name, budget, build):
+        if key in done:
+            rows.append(done[key])
+            return
+        start = time.perf_counter()
+        folder_or_model = build()
+        seconds = time.perf_counter() - start
         model = compress.load(folder_or_model).model if isinstance(folder_or_model, (str, Path)) else folder_or_model
-        rows.append({"row": name, "budget": budget, **meter(model), "seconds": round(seconds, 1), **(extra or {})})
-        print(json.dumps(rows[-1]), flush=True)
+        rows.append(finished(key, {"row": name, "budget": budget, **meter(model), "seconds": round(seconds, 1)}))
 
+    def export(name, budget, **options):
+        out = work / f"{name}-{budget}"
+        shutil.rmtree(out, ignore_errors=True)  # a half-written export of a cut-off run
+        return export_subnet(work / "run", out, budget=budget, device="cpu", **options)
+
+    def baseline(name, budget, method, options):
+        model = load_model(source, tokenizer=False).model
+        compress.prune(model, method=method, tokens=prune_tokens, device="cpu", ratio=round(1 - budget, 4), **options)
+        shutil.rmtree(work / f"{name}-{budget}", ignore_errors=True)
+        compress.save(model, work / f"{name}-{budget}")  # for --speed-only (inside the row's seconds: small)
+        return model
+
+    searched = (("search", {"compensate": "none"}), ("search+refit", {"compensate": "searched"}),
+                ("search+slimgpt", {"compensate": "slimgpt"}),
+                ("search+refit+distill", {"compensate": "searched", "distill": args.distill}))
     for budget in args.budgets:
-        for name, options in (("search", {}), ("search+compensate", {"compensate": "slimgpt"}),
-                              ("search+compensate+distill", {"compensate": "slimgpt", "distill": args.distill})):
-            start = time.perf_counter()
-            folder = export_subnet(work / "run", work / f"{name}-{budget}", budget=budget, device="cpu", **options)
-            add(name, budget, folder, time.perf_counter() - start)
+        for name, options in searched:
+            add(f"{name}-{budget}", name, budget, lambda: export(name, budget, **options))
         for name, (method, options) in BASELINES.items():
-            model = load_model(source, tokenizer=False).model
-            start = time.perf_counter()
-            compress.prune(model, method=method, tokens=prune_tokens, device="cpu", ratio=round(1 - budget, 4),
-                           **options)
-            seconds = time.perf_counter() - start
-            compress.save(model, work / f"{name}-{budget}")  # for --speed-only
-            add(name, budget, model, seconds)
+            add(f"{name}-{budget}", name, budget, lambda: baseline(name, budget, method, options))
 
     # a short super-network training, then the same search and export at one budget
-    config_super = SearchConfig(budgets=[args.supernet_budget], population=args.population,
-                                generations=args.supernet_generations, samples=args.samples, seqlen=args.seqlen,
-                                supernet_steps=args.supernet_steps)
-    start = time.perf_counter()
-    Search(args.model, work / "run-supernet", config_super, device="cpu").run()
-    folder = export_subnet(work / "run-supernet", work / "supernet-export", budget=args.supernet_budget,
-                           compensate="slimgpt", device="cpu")
-    add(f"supernet({args.supernet_steps})+search+compensate", args.supernet_budget, folder,
-        time.perf_counter() - start)
+    def supernet():
+        config_super = SearchConfig(budgets=[args.supernet_budget], population=args.population,
+                                    generations=args.supernet_generations, samples=args.samples, seqlen=args.seqlen,
+                                    supernet_steps=args.supernet_steps)
+        shutil.rmtree(work / "run-supernet", ignore_errors=True)
+        shutil.rmtree(work / "supernet-export", ignore_errors=True)
+        Search(args.model, work / "run-supernet", config_super, device="cpu").run()
+        return export_subnet(work / "run-supernet", work / "supernet-export", budget=args.supernet_budget,
+                             device="cpu")
+
+    add("supernet", f"supernet({args.supernet_steps})+search+refit", args.supernet_budget, supernet)
 
     # Kendall's τ: the search's proxy and calibration KL against held-out perplexity of front members
     front = record["front"]
     picks = sorted({round(i * (len(front) - 1) / max(args.tau - 1, 1)) for i in range(args.tau)})
     tau_rows = []
     for k in picks:
+        if f"tau-{k}" in done:
+            tau_rows.append(done[f"tau-{k}"])
+            continue
+        shutil.rmtree(work / f"tau-{k}", ignore_errors=True)
         folder = export_subnet(work / "run", work / f"tau-{k}", pick=k, device="cpu")
         model = compress.load(folder).model
         ppl = perplexity(model, meter.stream, 2048, windows=args.windows).perplexity
-        tau_rows.append({"pick": k, "params": front[k]["params"], "proxy": front[k]["proxy"], "kl": front[k]["kl"],
-                         "ppl": ppl})
-        print(json.dumps(tau_rows[-1]), flush=True)
+        tau_rows.append(finished(f"tau-{k}", {"pick": k, "params": front[k]["params"], "proxy": front[k]["proxy"],
+                                              "kl": front[k]["kl"], "ppl": ppl}))
         shutil.rmtree(folder)
     tau_proxy = kendall_tau([r["proxy"] for r in tau_rows], [r["ppl"] for r in tau_rows])
     tau_kl = kendall_tau([r["kl"] for r in tau_rows], [r["ppl"] for r in tau_rows])
@@ -268,13 +320,17 @@ def report(args, rows, tau_rows, tau_proxy, tau_kl, record, search_seconds, forw
              "test tokens; prefill 512 / decode 32 tokens/s ÷ the parent's. Search: population "
              f"{args.population}, {args.generations} generations, {len(record['candidates'])} candidates, "
              f"{search_seconds:.0f} s = {search_seconds / forward:.0f}× one plain forward over the calibration "
-             f"tokens ({forward:.1f} s). Whole benchmark: {total / 60:.0f} min.\n",
+             f"tokens ({forward:.1f} s); candidates scored as {record['config'].get('candidates', 'slice')} "
+             f"(profiling walk and refit on {record['config'].get('obs_samples')} × "
+             f"{record['config'].get('obs_seqlen')} tokens of the same source and seed). SlimGPT, FLAP, ShortGPT and "
+             f"`--compensate slimgpt` calibrate on {args.prune_samples} × {args.prune_seqlen} of them. Whole "
+             f"benchmark: {total / 60:.0f} min{' (resumed)' if args.resume else ''}.\n",
              "| row | budget | decoder params | ppl@2048 | KL | top-1 | prefill × | decode × | seconds |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['row']} | {r['budget']:.2f} | {r['decoder_params'] / 1e6:.1f} M | {r['ppl']:.2f} | "
                      f"{r['kl']:.3f} | {r['top1']:.3f} | {r['prefill']:.2f} | {r['decode']:.2f} | {r['seconds']} |")
-    lines += ["", f"Kendall τ over {len(tau_rows)} exported front members (plain slices): proxy vs perplexity "
+    lines += ["", f"Kendall τ over {len(tau_rows)} exported front members (as scored): proxy vs perplexity "
               f"**{tau_proxy:.2f}**, calibration KL vs perplexity **{tau_kl:.2f}**.", "",
               "| pick | params | proxy | calib KL | ppl@2048 |", "|---|---|---|---|---|"]
     lines += [f"| {r['pick']} | {r['params']:.3f} | {r['proxy']:.3f} | {r['kl']:.4f} | {r['ppl']:.2f} |"
