@@ -237,7 +237,9 @@ def run(args) -> tuple[list[dict], list[dict], dict]:
     from compress.hybrid.build import build_mixer, hybrid_config, hybridize, parent_shape
     from compress.metrics.cost import is_hybrid, kv_cache_fraction
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("threads", "out", "work")}
+    from compress.hybrid.build import MLA_INIT
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("threads", "out", "work")} | {"mla_init": MLA_INIT}
     work = Work(args.work, settings)
     loaded = compress.load(args.model)
     teacher, tok = loaded.model.eval(), loaded.tokenizer

@@ -135,6 +135,9 @@ def fingerprint(teacher: torch.nn.Module, config: DistillConfig, plan: DistillPl
     settings = {k: v for k, v in asdict(config).items() if k != "state_dir"}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     digest.update(repr((plan.ranks, plan.mla_layers, plan.n_mla, plan.world, plan.global_batch)).encode())
+    from compress.hybrid.build import MLA_INIT
+
+    digest.update(MLA_INIT.encode())
     for tokens in (plan.ild_tokens, plan.smart_tokens, plan.kd_tokens):
         digest.update(tokens.numpy().tobytes())
     digest.update(repr(teacher.config.to_dict()).encode())

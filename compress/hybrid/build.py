@@ -1,11 +1,13 @@
 """Build a Zebra-Llama hybrid from a Llama: each layer's mixer initialised from that layer's attention.
 
-* MLA by SVD (X-EcoMLA). W_q = U S Vᵀ → ``q_a`` = S[:r_q] Vᵀ[:r_q], ``q_b`` = U[:, :r_q]. The joint
-  [W_k; W_v] = U S Vᵀ → ``kv_a`` = S[:r_kv] Vᵀ[:r_kv], plus d_rope rows for the shared RoPE key (the
-  mean over KV heads of the last d_rope rows of each key head); ``kv_b`` = U[:, :r_kv], per KV head the
-  key rows of its first d_nope channels then its value rows. ``o_proj`` is reused. At full rank
-  (r_q = min(heads·d, hidden), r_kv = min(2·kv_heads·d, hidden)) q_b·q_a = W_q and kv_b·kv_a[:r_kv]
-  gives W_k's nope rows and W_v exactly (up to float64 SVD round-off).
+* MLA by SVD (X-EcoMLA) after a partial-RoPE reordering (MHA2MLA): each head's q and k channels are laid
+  out [slow RoPE pairs ; fast pairs] (:func:`rope_permutation`), MLA's RoPE rotating the fast pairs at the
+  parent's own frequencies. W_q = U S Vᵀ → ``q_a`` = S[:r_q] Vᵀ[:r_q], ``q_b`` = U[:, :r_q]. The joint
+  [W_k nope rows; W_v] = U S Vᵀ → ``kv_a`` = S[:r_kv] Vᵀ[:r_kv], plus d_rope rows for the shared RoPE key (the
+  mean over KV heads of each key head's fast rows); ``kv_b`` = U[:, :r_kv], per KV head its nope key rows
+  then its value rows. ``o_proj`` is reused. At full rank q_b·q_a = W_q and kv_b·kv_a[:r_kv] gives the nope
+  keys and W_v exactly (up to float64 SVD round-off); the slow pairs' rotation and the per-head RoPE keys are
+  what the initialisation approximates (docs/hybrid.md).
 * Mamba2 (MambaInLlama): ``in_proj`` rows x ← W_v, B ← W_k, C ← W_q, ``out_proj`` ← W_o; z, dt, the
   convolution, A_log, dt_bias, D and the gated norm keep Mamba2's fresh initialisation.
 
@@ -27,6 +29,10 @@ from compress.hybrid.zebra_attention import MLAttention
 from compress.hybrid.zebra_mamba2 import Mamba2Mixer
 
 # config keys of the parent that do not describe the hybrid
+# names the MLA initialisation's layout: runs that keep trained mixers (distillation state) fingerprint it, so a
+# state folder written under another layout is refused instead of mixed in
+MLA_INIT = "partial-rope-fast-pairs"
+
 _DROP_KEYS = ("model_type", "auto_map", "architectures", "transformers_version", "layer_types",
               "layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size",
               "_name_or_path", "quantization_config")
@@ -98,12 +104,36 @@ def hybrid_config(parent_config, shape: HybridShape, layer_types: list[str], q_r
                   num_key_value_heads=shape.kv_heads, layer_types=list(layer_types))
     mla = "mla" in layer_types
     config = ZebraLlamaConfig(**values, q_lora_rank=q_rank if mla else None, kv_lora_rank=kv_rank if mla else None,
+                              mla_rope_inv_freq=parent_frequencies(parent_config, rope_dim) if mla else None,
                               qk_rope_head_dim=rope_dim if mla else None,
                               qk_nope_head_dim=shape.head_dim - rope_dim if mla else None,
                               v_head_dim=shape.head_dim if mla else None, mamba_d_state=shape.head_dim,
                               parent_model_type=getattr(parent_config, "model_type", None))
     config.architectures = ["ZebraLlamaForCausalLM"]
     return config
+
+
+def parent_frequencies(parent_config, rope_dim: int) -> list[float]:
+    """The parent's ``rope_dim / 2`` highest RoPE frequencies (its rotary embedding's first ones, whatever its
+    RoPE type): MLA's RoPE channels rotate at exactly these."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    inv_freq = LlamaRotaryEmbedding(parent_config).inv_freq.float()
+    head_dim = getattr(parent_config, "head_dim", None) or parent_config.hidden_size // parent_config.num_attention_heads
+    if inv_freq.numel() != head_dim // 2 or not bool((inv_freq[1:] <= inv_freq[:-1]).all()):
+        raise CompressError("hybridize needs RoPE on every channel pair (i, i + head_dim/2) at falling frequencies; "
+                            f"this model's rotary embedding has {inv_freq.numel()} frequencies for head_dim {head_dim}")
+    return [float(f) for f in inv_freq[: rope_dim // 2]]
+
+
+def rope_permutation(head_dim: int, rope_dim: int) -> torch.Tensor:
+    """Per head: the parent's channel of each MLA channel, MLA's laid out [nope ; rope]. The parent rotates its
+    pairs (i, i + head_dim/2) at its i-th frequency; MLA rotates its pairs (j, j + rope_dim/2) at the parent's j-th
+    (:func:`parent_frequencies`), so the parent's rope_dim/2 fastest pairs keep their rotation exactly and the
+    slower ones become the position-free part (MHA2MLA's partial RoPE, highest frequencies kept)."""
+    half, fast = head_dim // 2, rope_dim // 2
+    slow = list(range(fast, half))
+    return torch.tensor(slow + [i + half for i in slow] + list(range(fast)) + [i + half for i in range(fast)])
 
 
 def check_ranks(shape: HybridShape, q_rank: int, kv_rank: int, rope_dim: int) -> None:
@@ -122,20 +152,30 @@ def check_ranks(shape: HybridShape, q_rank: int, kv_rank: int, rope_dim: int) ->
 
 @torch.no_grad()
 def mla_from_attention(attn: nn.Module, config: ZebraLlamaConfig, index: int) -> MLAttention:
-    """An MLA mixer for layer ``index`` initialised from a Llama attention by SVD (module docstring)."""
+    """An MLA mixer for layer ``index`` initialised from a Llama attention by SVD (module docstring).
+
+    Each head's q and k channels are first reordered by :func:`rope_permutation` (when the config carries the
+    parent's frequencies; hybrids configured before that keep the parent's order)."""
     w = attn.q_proj.weight
     mla = MLAttention(config, index).to(device=w.device, dtype=w.dtype)
-    n_kv, d, d_nope = config.num_key_value_heads, config.head_dim, config.d_nope
+    n_h, n_kv, d, d_nope = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.d_nope
     r_q, r_kv = config.q_lora_rank, config.kv_lora_rank
-    u, s, vh = torch.linalg.svd(attn.q_proj.weight.double(), full_matrices=False)
+    order = rope_permutation(d, config.d_rope) if getattr(config, "mla_rope_inv_freq", None) is not None \
+        else torch.arange(d)
+    w_q = attn.q_proj.weight.double().view(n_h, d, -1)[:, order].reshape(n_h * d, -1)
+    u, s, vh = torch.linalg.svd(w_q, full_matrices=False)
     mla.q_a_proj.weight.copy_(s[:r_q, None] * vh[:r_q])
     mla.q_b_proj.weight.copy_(u[:, :r_q])
-    w_k, w_v = attn.k_proj.weight.double(), attn.v_proj.weight.double()
-    u, s, vh = torch.linalg.svd(torch.cat([w_k, w_v]), full_matrices=False)
-    rope_rows = w_k.view(n_kv, d, -1)[:, d_nope:].mean(0)  # (d_rope, hidden): the shared RoPE key
-    mla.kv_a_proj_with_mqa.weight.copy_(torch.cat([s[:r_kv, None] * vh[:r_kv], rope_rows]))
-    u_k = u[: n_kv * d, :r_kv].view(n_kv, d, r_kv)[:, :d_nope]
-    u_v = u[n_kv * d:, :r_kv].view(n_kv, d, r_kv)
+    w_k = attn.k_proj.weight.double().view(n_kv, d, -1)[:, order]
+    rope_rows = w_k[:, d_nope:].mean(0)  # (d_rope, hidden): the shared RoPE key (a query-weighted mean: no better)
+    # the latent: a joint SVD of the position-free keys and the values (the RoPE rows have their own path)
+    u, s, vh = torch.linalg.svd(torch.cat([w_k[:, :d_nope].reshape(n_kv * d_nope, -1), attn.v_proj.weight.double()]),
+                                full_matrices=False)
+    r = min(r_kv, s.numel())  # a rank above the joint matrix's: the extra latent channels start at zero
+    down, up = w_k.new_zeros(r_kv, w_k.shape[-1]), w_k.new_zeros(u.shape[0], r_kv)
+    down[:r], up[:, :r] = s[:r, None] * vh[:r], u[:, :r]
+    mla.kv_a_proj_with_mqa.weight.copy_(torch.cat([down, rope_rows]))
+    u_k, u_v = up[: n_kv * d_nope].view(n_kv, d_nope, r_kv), up[n_kv * d_nope:].view(n_kv, d, r_kv)
     mla.kv_b_proj.weight.copy_(torch.cat([u_k, u_v], dim=1).reshape(-1, r_kv))
     mla.o_proj.load_state_dict(attn.o_proj.state_dict())
     return mla

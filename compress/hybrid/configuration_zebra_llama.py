@@ -31,6 +31,9 @@ class ZebraLlamaConfig(LlamaConfig):
     qk_rope_head_dim: int | None = None  # d_rope
     qk_nope_head_dim: int | None = None  # head_dim − d_rope
     v_head_dim: int | None = None  # head_dim
+    # the MLA RoPE's d_rope/2 frequencies: the parent's highest ones (compress.hybrid.build.hybrid_config), so
+    # the parent's rotation carries over exactly; None (hybrids built before it): theta^(-2j/d_rope)
+    mla_rope_inv_freq: list[float] | None = None
     mamba_d_state: int | None = None  # default: head_dim
     mamba_d_conv: int = 4
     mamba_expand: int = 1
@@ -67,6 +70,10 @@ class ZebraLlamaConfig(LlamaConfig):
                     raise ValueError(f"an MLA layer needs a positive {name}")
             if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim >= head_dim:
                 raise ValueError(f"qk_rope_head_dim must be even and below head_dim {head_dim}")
+            freqs = self.mla_rope_inv_freq
+            if freqs is not None and len(freqs) != self.qk_rope_head_dim // 2:
+                raise ValueError(f"mla_rope_inv_freq needs qk_rope_head_dim / 2 = {self.qk_rope_head_dim // 2} "
+                                 f"frequencies, got {len(freqs)}")
 
     def mixer(self, index: int) -> str:
         return self._own_types(self.layer_types)[index]

@@ -73,9 +73,14 @@ class HybridAttention(LlamaAttention):
         return self.o_proj(attend(q, k, v, mask, self.scaling)), None
 
 
-def mla_rope(positions: torch.Tensor, dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (b, t, dim) of RoPE over ``dim`` channels (rotate-half pairs (i, i + dim/2))."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
+def mla_rope(positions: torch.Tensor, dim: int, theta: float, dtype,
+             inv_freq: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (b, t, dim) of RoPE over ``dim`` channels (rotate-half pairs (i, i + dim/2)), at the frequencies
+    ``inv_freq`` (dim/2 of them) or theta^(-2i/dim)."""
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
+    else:
+        inv_freq = torch.tensor(inv_freq, dtype=torch.float32, device=positions.device)
     freqs = positions[..., None].float() * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -93,6 +98,10 @@ class MLAttention(nn.Module):
         self.q_rank, self.kv_rank = config.q_lora_rank, config.kv_lora_rank
         self.scaling = self.head_dim ** -0.5  # the parent's softmax scale
         self.rope_theta = float((getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0))
+        # plain numbers, made a float32 tensor where the positions are (not a buffer: .to(dtype) would round it,
+        # and a model built on the meta device would keep no data)
+        freqs = getattr(config, "mla_rope_inv_freq", None)
+        self.rope_inv_freq = None if freqs is None else tuple(float(f) for f in freqs)
         hidden, bias = config.hidden_size, bool(getattr(config, "attention_bias", False))
         self.q_a_proj = nn.Linear(hidden, self.q_rank, bias=False)
         self.q_b_proj = nn.Linear(self.q_rank, self.heads * self.head_dim, bias=False)
@@ -111,7 +120,7 @@ class MLAttention(nn.Module):
         """c_kv (b, 1, t, r_kv) and the rotated shared key k_pe (b, 1, t, d_rope) of new tokens: the cache entries."""
         kv = self.kv_a_proj_with_mqa(hidden_states)
         c_kv, k_pe = kv.split([self.kv_rank, self.d_rope], dim=-1)
-        cos, sin = mla_rope(position_ids, self.d_rope, self.rope_theta, hidden_states.dtype)
+        cos, sin = mla_rope(position_ids, self.d_rope, self.rope_theta, hidden_states.dtype, self.rope_inv_freq)
         return c_kv[:, None], self._rope(k_pe[:, None], cos, sin), (cos, sin)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, **kwargs):
@@ -154,7 +163,7 @@ class MLAttention(nn.Module):
         q_lat = torch.einsum("bkgqd,kdr->bkgqr", q_nope, w_k)
         scores = torch.einsum("bkgqr,btr->bkgqt", q_lat, c_kv)
         scores = scores + torch.einsum("bkgqe,bte->bkgqt", q_pe.view(b, self.kv_heads, groups, length, -1), k_pe)
-        scores = scores.float() * self.scaling
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * self.scaling  # float64 stays
         if mask is not None:
             scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
         probs = scores.softmax(dim=-1).to(c_kv.dtype)
