@@ -153,6 +153,12 @@ def main() -> None:
         rows_file.flush()
         print(json.dumps(row), flush=True)
         return row
+
+    def row_once(key: str, make) -> dict:
+        """The row ``key``: from the resumed rows.jsonl, or ``make()`` measured now and recorded."""
+        if key not in done:
+            done[key] = finished(key, make())
+        return done[key]
     started = time.perf_counter()
     source = resolve_model_path(args.model)
     loaded = load_model(source)
@@ -160,29 +166,27 @@ def main() -> None:
     tokens = calibration_tokens(parent, tokenizer, "wikitext2", args.samples, args.seqlen, 0)
     prune_tokens = calibration_tokens(parent, tokenizer, "wikitext2", args.prune_samples, args.prune_seqlen, 0)
     meter = Meter(args, tokenizer, parent)
-    rows = [done.get("parent") or finished("parent", {"row": "parent", "budget": 1.0, **meter(parent),
-                                                          "seconds": 0.0})]
+    rows = [row_once("parent", lambda: {"row": "parent", "budget": 1.0, **meter(parent), "seconds": 0.0})]
     if args.baselines_only:
+        def pruned(name, budget):
+            method, options = BASELINES[name]
+            model = load_model(source, tokenizer=False).model
+            start = time.perf_counter()
+            compress.prune(model, method=method, tokens=prune_tokens, device="cpu", ratio=round(1 - budget, 4),
+                           **options)
+            return {"row": name, "budget": budget, **meter(model), "seconds": round(time.perf_counter() - start, 1)}
         for budget in args.budgets:
             for name in args.baselines:
-                method, options = BASELINES[name]
-                model = load_model(source, tokenizer=False).model
-                start = time.perf_counter()
-                compress.prune(model, method=method, tokens=prune_tokens, device="cpu", ratio=round(1 - budget, 4),
-                               **options)
-                rows.append({"row": name, "budget": budget, **meter(model),
-                             "seconds": round(time.perf_counter() - start, 1)})
-                print(json.dumps(rows[-1]), flush=True)
+                rows.append(row_once(f"{name}-{budget}", lambda: pruned(name, budget)))
         return report_baselines(args, rows)
-    if "forward" in done:
-        forward = done["forward"]["seconds"]
-    else:
+    def plain_forward():
         start = time.perf_counter()
         with torch.no_grad():
             for b in range(0, tokens.shape[0], 8):
                 parent(input_ids=tokens[b:b + 8], use_cache=False)
-        forward = finished("forward", {"seconds": time.perf_counter() - start})["seconds"]
-    del parent
+        return {"seconds": time.perf_counter() - start}
+    forward = row_once("forward", plain_forward)["seconds"]
+    parent = None  # its memory back before the search loads its own copy
 
     config = SearchConfig(budgets=sorted(args.budgets), population=args.population, generations=args.generations,
                           samples=args.samples, seqlen=args.seqlen)
@@ -198,14 +202,14 @@ def main() -> None:
     print(f"search: {search_seconds:.0f} s, {len(record['candidates'])} candidates", flush=True)
 
     def add(key, name, budget, build):
-        if key in done:
-            rows.append(done[key])
-            return
-        start = time.perf_counter()
-        folder_or_model = build()
-        seconds = time.perf_counter() - start
-        model = compress.load(folder_or_model).model if isinstance(folder_or_model, (str, Path)) else folder_or_model
-        rows.append(finished(key, {"row": name, "budget": budget, **meter(model), "seconds": round(seconds, 1)}))
+        def make():
+            start = time.perf_counter()
+            folder_or_model = build()
+            seconds = time.perf_counter() - start
+            model = compress.load(folder_or_model).model if isinstance(folder_or_model, (str, Path)) \
+                else folder_or_model
+            return {"row": name, "budget": budget, **meter(model), "seconds": round(seconds, 1)}
+        rows.append(row_once(key, make))
 
     def export(name, budget, **options):
         out = work / f"{name}-{budget}"
@@ -245,17 +249,14 @@ def main() -> None:
     front = record["front"]
     picks = sorted({round(i * (len(front) - 1) / max(args.tau - 1, 1)) for i in range(args.tau)})
     tau_rows = []
-    for k in picks:
-        if f"tau-{k}" in done:
-            tau_rows.append(done[f"tau-{k}"])
-            continue
+    def tau_row(k):
         shutil.rmtree(work / f"tau-{k}", ignore_errors=True)
         folder = export_subnet(work / "run", work / f"tau-{k}", pick=k, device="cpu")
-        model = compress.load(folder).model
-        ppl = perplexity(model, meter.stream, 2048, windows=args.windows).perplexity
-        tau_rows.append(finished(f"tau-{k}", {"pick": k, "params": front[k]["params"], "proxy": front[k]["proxy"],
-                                              "kl": front[k]["kl"], "ppl": ppl}))
+        ppl = perplexity(compress.load(folder).model, meter.stream, 2048, windows=args.windows).perplexity
         shutil.rmtree(folder)
+        return {"pick": k, "params": front[k]["params"], "proxy": front[k]["proxy"], "kl": front[k]["kl"], "ppl": ppl}
+    for k in picks:
+        tau_rows.append(row_once(f"tau-{k}", lambda: tau_row(k)))
     tau_proxy = kendall_tau([r["proxy"] for r in tau_rows], [r["ppl"] for r in tau_rows])
     tau_kl = kendall_tau([r["kl"] for r in tau_rows], [r["ppl"] for r in tau_rows])
     report(args, rows, tau_rows, tau_proxy, tau_kl, record, search_seconds, forward, time.perf_counter() - started)

@@ -28,11 +28,11 @@ from compress.hybrid.modeling_zebra_llama import ZebraLlamaForCausalLM, build_mi
 from compress.hybrid.zebra_attention import MLAttention
 from compress.hybrid.zebra_mamba2 import Mamba2Mixer
 
-# config keys of the parent that do not describe the hybrid
 # names the MLA initialisation's layout: runs that keep trained mixers (distillation state) fingerprint it, so a
 # state folder written under another layout is refused instead of mixed in
 MLA_INIT = "partial-rope-fast-pairs"
 
+# config keys of the parent that do not describe the hybrid
 _DROP_KEYS = ("model_type", "auto_map", "architectures", "transformers_version", "layer_types",
               "layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size",
               "_name_or_path", "quantization_config")
@@ -104,7 +104,7 @@ def hybrid_config(parent_config, shape: HybridShape, layer_types: list[str], q_r
                   num_key_value_heads=shape.kv_heads, layer_types=list(layer_types))
     mla = "mla" in layer_types
     config = ZebraLlamaConfig(**values, q_lora_rank=q_rank if mla else None, kv_lora_rank=kv_rank if mla else None,
-                              mla_rope_inv_freq=parent_frequencies(parent_config, rope_dim) if mla else None,
+                              mla_rope_inv_freq=parent_frequencies(parent_config, shape.head_dim, rope_dim) if mla else None,
                               qk_rope_head_dim=rope_dim if mla else None,
                               qk_nope_head_dim=shape.head_dim - rope_dim if mla else None,
                               v_head_dim=shape.head_dim if mla else None, mamba_d_state=shape.head_dim,
@@ -113,13 +113,12 @@ def hybrid_config(parent_config, shape: HybridShape, layer_types: list[str], q_r
     return config
 
 
-def parent_frequencies(parent_config, rope_dim: int) -> list[float]:
+def parent_frequencies(parent_config, head_dim: int, rope_dim: int) -> list[float]:
     """The parent's ``rope_dim / 2`` highest RoPE frequencies (its rotary embedding's first ones, whatever its
     RoPE type): MLA's RoPE channels rotate at exactly these."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     inv_freq = LlamaRotaryEmbedding(parent_config).inv_freq.float()
-    head_dim = getattr(parent_config, "head_dim", None) or parent_config.hidden_size // parent_config.num_attention_heads
     if inv_freq.numel() != head_dim // 2 or not bool((inv_freq[1:] <= inv_freq[:-1]).all()):
         raise CompressError("hybridize needs RoPE on every channel pair (i, i + head_dim/2) at falling frequencies; "
                             f"this model's rotary embedding has {inv_freq.numel()} frequencies for head_dim {head_dim}")

@@ -74,13 +74,11 @@ class HybridAttention(LlamaAttention):
 
 
 def mla_rope(positions: torch.Tensor, dim: int, theta: float, dtype,
-             inv_freq: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (b, t, dim) of RoPE over ``dim`` channels (rotate-half pairs (i, i + dim/2)), at the frequencies
-    ``inv_freq`` (dim/2 of them) or theta^(-2i/dim)."""
+    ``inv_freq`` (a float32 tensor of dim/2 on the positions' device) or theta^(-2i/dim)."""
     if inv_freq is None:
         inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
-    else:
-        inv_freq = torch.tensor(inv_freq, dtype=torch.float32, device=positions.device)
     freqs = positions[..., None].float() * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -102,6 +100,7 @@ class MLAttention(nn.Module):
         # and a model built on the meta device would keep no data)
         freqs = getattr(config, "mla_rope_inv_freq", None)
         self.rope_inv_freq = None if freqs is None else tuple(float(f) for f in freqs)
+        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}  # that tuple as a tensor, once per device
         hidden, bias = config.hidden_size, bool(getattr(config, "attention_bias", False))
         self.q_a_proj = nn.Linear(hidden, self.q_rank, bias=False)
         self.q_b_proj = nn.Linear(self.q_rank, self.heads * self.head_dim, bias=False)
@@ -113,6 +112,13 @@ class MLAttention(nn.Module):
         """Numbers one token adds to this layer's cache: the latent and the shared RoPE key."""
         return self.kv_rank + self.d_rope
 
+    def _inv_freq(self, device) -> torch.Tensor | None:
+        if self.rope_inv_freq is None:
+            return None
+        if device not in self._inv_freq_on:
+            self._inv_freq_on[device] = torch.tensor(self.rope_inv_freq, dtype=torch.float32, device=device)
+        return self._inv_freq_on[device]
+
     def _rope(self, x, cos, sin):
         return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
@@ -120,7 +126,8 @@ class MLAttention(nn.Module):
         """c_kv (b, 1, t, r_kv) and the rotated shared key k_pe (b, 1, t, d_rope) of new tokens: the cache entries."""
         kv = self.kv_a_proj_with_mqa(hidden_states)
         c_kv, k_pe = kv.split([self.kv_rank, self.d_rope], dim=-1)
-        cos, sin = mla_rope(position_ids, self.d_rope, self.rope_theta, hidden_states.dtype, self.rope_inv_freq)
+        cos, sin = mla_rope(position_ids, self.d_rope, self.rope_theta, hidden_states.dtype,
+                            self._inv_freq(position_ids.device))
         return c_kv[:, None], self._rope(k_pe[:, None], cos, sin), (cos, sin)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, **kwargs):
