@@ -104,8 +104,14 @@ def ssm_state_bytes(model: torch.nn.Module, batch: int = 1) -> int:
 
 @torch.no_grad()
 def tokens_per_second(model: torch.nn.Module, prefill_len: int = 512, decode_steps: int = 32,
-                      batch_size: int = 1, repeats: int = 2) -> tuple[float, float]:
-    """Prefill and greedy-decode throughput (best of ``repeats``) on random tokens."""
+                      batch_size: int = 1, repeats: int = 2, all_logits: bool = True) -> tuple[float, float]:
+    """Prefill and greedy-decode throughput (best of ``repeats``) on random tokens. ``all_logits=False``: the
+    prefill computes the last position's logits only (``logits_to_keep=1``, as ``generate`` and serving engines
+    do), so the LM head's share of a prefill does not hide what the decoder's size changes."""
+    import inspect
+
+    keep = {} if all_logits or "logits_to_keep" not in inspect.signature(model.forward).parameters \
+        else {"logits_to_keep": 1}
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, prefill_len), generator=generator).to(device)
@@ -113,7 +119,7 @@ def tokens_per_second(model: torch.nn.Module, prefill_len: int = 512, decode_ste
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True)
+        out = model(input_ids=ids, use_cache=True, **keep)
         _sync(device)
         t1 = time.perf_counter()
         cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.errors import CompressError
-from compress.metrics.cost import count_parameters, kv_cache_bytes_per_token
+from compress.metrics.cost import count_parameters, kv_cache_bytes_per_token, tokens_per_second
 from compress.metrics.fidelity import fidelity
 from compress.metrics.perplexity import perplexity
 from tests.helpers import make_tiny_llama
@@ -68,6 +68,18 @@ def test_cost_counts():
     per_layer = 4 * 64 * 64 * 0 + 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 96 + 2 * 64
     assert count_parameters(model) == 128 * 64 + 3 * per_layer + 64  # tied lm_head counted once
     assert kv_cache_bytes_per_token(model) == 3 * 2 * 2 * 16 * 4  # layers · (K,V) · kv_heads · head_dim · fp32
+
+
+def test_tokens_per_second_prefill_keeps_last_logits_only_when_asked():
+    """all_logits=False prefills with logits_to_keep=1 (as generate does); decode is unchanged."""
+    model = make_tiny_llama()
+    shapes = []
+    model.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.logits.shape)))
+    for all_logits, prefill_rows in ((True, 16), (False, 1)):
+        shapes.clear()
+        prefill, decode = tokens_per_second(model, prefill_len=16, decode_steps=3, repeats=2, all_logits=all_logits)
+        assert prefill > 0 and decode > 0
+        assert shapes == [(1, prefill_rows, 128), (1, 1, 128), (1, 1, 128), (1, 1, 128)] * 2
 
 
 def test_a_quantized_checkpoint_counts_the_weights_it_represents(tmp_path):
