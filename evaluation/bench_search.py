@@ -289,7 +289,8 @@ def speed_only(args) -> None:
     import os
 
     work = Path(args.work)
-    folders = sorted(p for p in work.iterdir() if p.is_dir() and (p / "compress.json").is_file())
+    folders = sorted(p for p in work.iterdir() if p.is_dir() and (p / "compress.json").is_file()
+                     and (p / "config.json").is_file())  # exported models, not the search folders
     if not folders:
         raise SystemExit(f"no exported models in {work}: run the full benchmark first")
     def speeds(model):
