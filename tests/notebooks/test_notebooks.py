@@ -24,6 +24,11 @@ NOTEBOOKS = REPO / "notebooks"
 sys.path.insert(0, str(NOTEBOOKS))
 import run_notebook  # noqa: E402  (notebooks/run_notebook.py: how the tests and users execute a notebook)
 
+# A notebook is minutes of work in a kernel: on a loaded machine one can pass the suite-wide 900 s, and a
+# SIGALRM landing in papermill's wait has crashed pytest itself (INTERNALERROR while formatting the stack)
+# instead of failing one test; twice the limit keeps a slow machine's run going.
+pytestmark = pytest.mark.timeout(1800)
+
 EXPECTED = ["adapters", "hybrids", "pruning_tradeoffs", "quantization_tradeoffs", "search", "stacking", "transfer"]
 
 
