@@ -108,11 +108,12 @@ def run_command(model, out, space, objectives, budget, population, generations, 
 @click.option("--pick", type=int, default=None, help="Front member K (the 'pick' column of front.json).")
 @click.option("--budget", type=float, default=None, help="The best front member within this fraction of the cost.")
 @click.option("--out", required=True, help="Output folder (must not exist unless --force).")
-@click.option("--compensate", type=click.Choice(["searched", "none", "obs", "slimgpt"]), default="searched",
-              show_default=True,
+@click.option("--compensate", type=click.Choice(["searched", "none", "obs", "slimgpt", "slimgpt-bias"]),
+              default="searched", show_default=True,
               help="searched: the candidate as the search scored it (obs or a plain slice, per its --candidates); "
                    "none: a plain slice; obs: the search's one-shot OBS refit; slimgpt: re-derive the kept "
-                   "weights with SlimGPT's sequential OBS walk at the searched widths.")
+                   "weights with SlimGPT's sequential OBS walk at the searched widths; slimgpt-bias: the same "
+                   "walk on centred inputs plus an o_proj / down_proj bias (SlimGPT's bias setting).")
 @click.option("--compensate-samples", type=int, default=32, show_default=True,
               help="Calibration samples of --compensate slimgpt (the search's data source and seed).")
 @click.option("--compensate-seqlen", type=int, default=256, show_default=True,

@@ -9,7 +9,8 @@ with the run's importance orders (and given the super-network's trained layers w
   ``none`` is the plain slice, ``obs`` the refit whatever the search scored;
 * with ``compensate="slimgpt"`` the dropped layers and the removed attentions / MLPs go first, then a
   SlimGPT walk prunes every layer to exactly the searched widths, choosing the heads and channels by OBS
-  and updating the kept o_proj / down_proj columns (search, then compensate);
+  and updating the kept o_proj / down_proj columns (search, then compensate); ``"slimgpt-bias"`` runs
+  that walk with SlimGPT's bias setting (centred OBS plus an o_proj / down_proj bias);
 * with ``distill`` steps the result is trained by knowledge distillation from the parent (KL over the
   full vocabulary, the shared training loop) on calibration text other than the search's.
 
@@ -32,7 +33,7 @@ from compress.search.run import FRONT_FILE, PROFILE_FILE, SEARCH_FILE, SUPERNET_
 from compress.search.space import Option, SearchSpace
 
 log = logging.getLogger(__name__)
-COMPENSATE = ("searched", "none", "obs", "slimgpt")
+COMPENSATE = ("searched", "none", "obs", "slimgpt", "slimgpt-bias")
 # SlimGPT's OBS needs more tokens than the search's KL: its Hessians are hidden × hidden and FFN × FFN
 COMPENSATE_SAMPLES, COMPENSATE_SEQLEN = 32, 256
 
@@ -161,7 +162,8 @@ def build_searched(model, tokenizer, search: dict, profile: dict, member: dict, 
     if compensate in ("none", "obs"):
         model, details = materialize(model, space, choice, compensation if compensate == "obs" else None), {}
     else:
-        model, details = compensate_slimgpt(model, tokenizer, search, space, choice, device, *compensate_tokens)
+        model, details = compensate_slimgpt(model, tokenizer, search, space, choice, device, *compensate_tokens,
+                                            bias=compensate == "slimgpt-bias")
     if distill:
         details["distill"] = distill_from_parent(model, tokenizer, source, search, distill, distill_lr,
                                                  distill_batch, device)
@@ -170,9 +172,10 @@ def build_searched(model, tokenizer, search: dict, profile: dict, member: dict, 
 
 
 def compensate_slimgpt(model, tokenizer, search: dict, space: SearchSpace, choice: list[Option], device: str,
-                       samples: int = COMPENSATE_SAMPLES, seqlen: int = COMPENSATE_SEQLEN):
+                       samples: int = COMPENSATE_SAMPLES, seqlen: int = COMPENSATE_SEQLEN, bias: bool = False):
     """Drop the layers, remove whole attentions / MLPs, then SlimGPT to exactly the searched widths, on
-    ``samples`` × ``seqlen`` tokens of the search's calibration source (its seed)."""
+    ``samples`` × ``seqlen`` tokens of the search's calibration source (its seed). ``bias``: SlimGPT's bias
+    setting (OBS on the centred inputs, then an o_proj / down_proj bias that restores the mean output)."""
     from compress.data import calibration_tokens
     from compress.search.subnet import materialize
     from compress.walk import walk
@@ -180,7 +183,7 @@ def compensate_slimgpt(model, tokenizer, search: dict, space: SearchSpace, choic
     structural = [Option(o.a and space.attention_units, o.f and space.ffn_options) for o in choice]
     materialize(model, space, structural)  # depth, no-attention and no-MLP layers; widths still full
     kept = [o for o in choice if o != (0, 0)]
-    method = FixedWidthSlimGPT([space.widths(o) for o in kept], space.unit)
+    method = FixedWidthSlimGPT([space.widths(o) for o in kept], space.unit, bias=bias)
     method.prepare(model)
     c = search["calibration"]
     tokens = calibration_tokens(model, tokenizer, c["data"], samples, seqlen, c["seed"])
@@ -195,10 +198,10 @@ class FixedWidthSlimGPT(SlimGPT):
 
     stageable = False  # layers without attention / MLP: every group re-runs its layer
 
-    def __init__(self, widths: list[tuple[int, int, int]], unit: str):
+    def __init__(self, widths: list[tuple[int, int, int]], unit: str, bias: bool = False):
         from compress.methods.slimgpt.config import SlimGPTConfig
 
-        super().__init__(SlimGPTConfig(gqa_unit=unit))
+        super().__init__(SlimGPTConfig(gqa_unit=unit, bias=bias))
         self.targets = widths
 
     def prepare(self, model):

@@ -33,8 +33,9 @@ class LlamaNASConfig:
     data: str = config_field("wikitext2", "Calibration text of the search.")
     supernet_steps: int = config_field(0, "Super-network training steps before the search.")
     compensate: str = config_field("searched", "searched (the candidate as scored), none (a plain slice), obs (the "
-                                               "search's one-shot OBS refit) or slimgpt (SlimGPT's OBS walk at the "
-                                               "searched widths).")
+                                               "search's one-shot OBS refit), slimgpt (SlimGPT's OBS walk at the "
+                                               "searched widths) or slimgpt-bias (that walk with SlimGPT's "
+                                               "bias setting).")
     candidates: str = config_field("obs", "obs (candidates scored with their kept columns OBS-refit) or slice.")
     obs_samples: int = config_field(32, "With candidates obs: samples of the profiling walk (Gram matrices).")
     obs_seqlen: int = config_field(256, "Tokens per obs_samples sample.")
