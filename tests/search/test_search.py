@@ -86,6 +86,10 @@ def test_killed_search_resumes_to_the_same_front(tiny, searched, tmp_path):
     assert [g for g, _, _ in _front(resumed)] == [g for g, _, _ in _front(straight)]
     assert [k for _, k, _ in _front(resumed)] == pytest.approx([k for _, k, _ in _front(straight)], rel=1e-5)
     assert len(resumed["candidates"]) == len(straight["candidates"])
+    assert resumed["seconds"] > partial["seconds"]  # the wall time adds up over the runs that searched
+    replayed = small_search(tiny, out, resume=True)  # a finished search, resumed: replayed, not re-timed
+    assert replayed["seconds"] == resumed["seconds"]
+    assert [g for g, _, _ in _front(replayed)] == [g for g, _, _ in _front(resumed)]
 
 
 def test_two_processes_give_the_front_of_one(tiny, searched, tmp_path):
@@ -168,6 +172,39 @@ def test_export_compensated_and_distilled(searched, tmp_path):
     assert saved["search"]["objectives"]["params"] <= 0.7
     differs = any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), comp.state_dict().values()))
     assert differs
+
+
+def test_export_compensated_with_bias_reloads_with_its_biases(tiny, searched, tmp_path):
+    """--compensate slimgpt-bias: the same widths as slimgpt, an o_proj / down_proj bias on every kept layer
+    (non-zero where the layer lost columns), and the folder reloads through transformers with the same logits."""
+    import compress
+    from compress.arch import layout
+    from transformers import AutoModelForCausalLM
+
+    out, _ = searched
+    for name, mode in (("comp", "slimgpt"), ("bias", "slimgpt-bias")):
+        result = run_cli("search", "export", out, "--budget", "0.7", "--compensate", mode, "--out", tmp_path / name)
+        assert result.exit_code == 0, result.output
+    comp, biased = (compress.load(tmp_path / n).model.eval() for n in ("comp", "bias"))
+    assert layout(comp).layers == layout(biased).layers
+    assert json.loads((tmp_path / "bias" / "compress.json").read_text())["compensate"] == "slimgpt-bias"
+    parent = layout(compress.load(tiny).model).layers[0]
+    narrowed = 0
+    for got, kept in zip(biased.model.layers, layout(biased).layers):
+        for module, name, full, width in ((got.self_attn, "o_proj", parent.heads, kept.heads),
+                                          (got.mlp, "down_proj", parent.ffn, kept.ffn)):
+            if width == 0:  # removed whole before the walk
+                continue
+            linear = getattr(module, name)
+            assert linear.bias is not None and linear.bias.shape == (linear.out_features,)
+            if 0 < width < full:
+                narrowed += 1
+                assert float(linear.bias.detach().abs().max()) > 0  # the mean of the removed inputs' output
+    assert narrowed > 0
+    ids = torch.randint(0, biased.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "bias", trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert (stock(input_ids=ids).logits - biased(input_ids=ids).logits).abs().max() < 1e-5
 
 
 def test_supernet_steps_train_the_shared_weights_and_export_uses_them(tiny, tmp_path):
