@@ -8,7 +8,8 @@ parent's decoder parameters):
   parent's weights sliced;
 * search + refit: the same member as the search scored it (the default ``--compensate searched``: with OBS
   candidates the kept o_proj/down_proj columns refit to the parent's outputs);
-* search + slimgpt: the same widths, weights re-derived by SlimGPT's OBS (``--compensate slimgpt``);
+* search + slimgpt: the same widths, weights re-derived by SlimGPT's OBS (``--compensate slimgpt``); and with
+  SlimGPT's bias setting (``--compensate slimgpt-bias``);
 * search + refit + distill: then ``--distill`` steps of KD from the parent;
 * SlimGPT log (the paper), SlimGPT log + bias (the best setting of bench_prune at 50 %), FLAP and ShortGPT
   at ratio 1 − B on the same tokens;
@@ -116,8 +117,11 @@ def main() -> None:
                     help="keep --work/run from an earlier run with the same settings: the search replays from its "
                          "recorded scores (its first run's wall time is reported)")
     ap.add_argument("--speed-only", action="store_true",
-                    help="only time the parent and the exported searched models a previous run left in --work "
-                         "(best of 5, one process): for an idle machine after a contended full run")
+                    help="only time the parent and the exported models a previous run left in --work (one process, "
+                         "--rounds interleaved rounds): for an idle machine after a contended full run")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="with --speed-only: rounds; each times the parent, then every model (best of 2), and the "
+                         "ratios are the median over rounds of model ÷ that round's parent")
     ap.add_argument("--resume", action="store_true",
                     help="continue a cut-off run in --work: finished rows (rows.jsonl) are kept, the search resumes")
     args = ap.parse_args()
@@ -125,18 +129,18 @@ def main() -> None:
         return speed_only(args)
     torch.manual_seed(0)
     work = Path(args.work)
-    previous = None
     done: dict[str, dict] = {}
     if args.resume and (work / "rows.jsonl").is_file():
         settings = json.loads((work / "settings.json").read_text())
-        if settings != vars(args) | {"resume": settings["resume"], "out": settings["out"]}:
+        ignored = {"resume", "out", "rounds"}  # how a run is continued or reported, not what it measures
+        if {k: v for k, v in settings.items() if k not in ignored} != \
+                {k: v for k, v in vars(args).items() if k not in ignored}:
             raise SystemExit(f"{work} holds a run with other settings: {settings}")
         for line in (work / "rows.jsonl").read_text().splitlines():
             row = json.loads(line)
             done[row["key"]] = row
         print(f"resuming: {len(done)} finished rows", flush=True)
     elif args.reuse_search and (work / "run" / "search.json").is_file():
-        previous = json.loads((work / "run" / "search.json").read_text())
         for child in work.iterdir():
             if child.name != "run":
                 shutil.rmtree(child)
@@ -190,15 +194,11 @@ def main() -> None:
 
     config = SearchConfig(budgets=sorted(args.budgets), population=args.population, generations=args.generations,
                           samples=args.samples, seqlen=args.seqlen)
-    start = time.perf_counter()
     resume = (work / "run" / "search.json").is_file()
     if not resume:
         shutil.rmtree(work / "run", ignore_errors=True)  # cut off before its first record
-    before = json.loads((work / "run" / "search.json").read_text()) if resume else None
     record = Search(args.model, work / "run", config, device="cpu", resume=resume).run()
-    if before is not None and len(before["candidates"]) == len(record["candidates"]):
-        previous = previous or before  # a finished search replayed: its own wall time, not the replay's
-    search_seconds = previous["seconds"] if previous else record.get("seconds", time.perf_counter() - start)
+    search_seconds = record["seconds"]  # over the runs that searched: a finished search replayed keeps its own
     print(f"search: {search_seconds:.0f} s, {len(record['candidates'])} candidates", flush=True)
 
     def add(key, name, budget, build):
@@ -224,7 +224,7 @@ def main() -> None:
         return model
 
     searched = (("search", {"compensate": "none"}), ("search+refit", {"compensate": "searched"}),
-                ("search+slimgpt", {"compensate": "slimgpt"}),
+                ("search+slimgpt", {"compensate": "slimgpt"}), ("search+slimgpt-bias", {"compensate": "slimgpt-bias"}),
                 ("search+refit+distill", {"compensate": "searched", "distill": args.distill}))
     for budget in args.budgets:
         for name, options in searched:
@@ -286,35 +286,56 @@ def report_baselines(args, rows) -> None:
 
 
 def speed_only(args) -> None:
+    """Interleaved timing: every round times the parent and then each exported model, so a drift of the machine's
+    speed (thermal, another process) lands on both sides of a ratio; the reported ratio is the median over rounds
+    and the prefill column also gives the rounds' spread (min–max)."""
     import os
+    import statistics
 
     work = Path(args.work)
     folders = sorted(p for p in work.iterdir() if p.is_dir() and (p / "compress.json").is_file()
                      and (p / "config.json").is_file())  # exported models, not the search folders
     if not folders:
         raise SystemExit(f"no exported models in {work}: run the full benchmark first")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
+
     def speeds(model):
         """(prefill with the last position's logits, decode, prefill with every position's logits)."""
-        last = tokens_per_second(model, repeats=5, all_logits=False)
-        return last[0], last[1], tokens_per_second(model, decode_steps=1, repeats=5)[0]
+        last = tokens_per_second(model, repeats=2, all_logits=False)
+        return last[0], last[1], tokens_per_second(model, decode_steps=1, repeats=2)[0]
     parent = load_model(resolve_model_path(args.model), tokenizer=False).model.eval()
+    models = {folder.name: compress.load(folder).model.eval() for folder in folders}
+    load_start = os.getloadavg()[0]
     speeds(parent)  # warm-up
-    base = speeds(parent)
-    lines = [f"\n## {datetime.date.today()} — `python -m evaluation.bench_search --speed-only` (idle timing)\n",
-             f"The models the run above exported, timed again in one process (prefill of 512 tokens and 32 decode "
-             f"steps, batch 1, best of 5, after a warm-up of the parent); load average at the start "
-             f"{os.getloadavg()[0]:.1f}. Prefill as `generate` runs it: logits of the last position only "
-             f"(`logits_to_keep=1`); the last column computes all 512 positions' logits, where the "
-             f"{parent.lm_head.weight.numel() / 1e6:.1f} M-parameter LM head, which no row prunes, is a fixed share. Parent: prefill {base[0]:.0f} tok/s ({base[2]:.0f} with "
-             f"all logits), decode {base[1]:.1f} tok/s.\n",
-             "| model | decoder params | prefill × | decode × | prefill × (all logits) |", "|---|---|---|---|---|"]
-    for folder in folders:
-        model = compress.load(folder).model.eval()
-        got = speeds(model)
+    ratios: dict[str, list[tuple[float, float, float]]] = {name: [] for name in models}
+    bases = []
+    for round_ in range(args.rounds):
+        base = speeds(parent)
+        bases.append(base)
+        for name, model in models.items():
+            got = speeds(model)
+            ratios[name].append(tuple(g / b for g, b in zip(got, base)))
+        print(f"round {round_ + 1}/{args.rounds}: parent prefill {base[0]:.0f} tok/s", flush=True)
+    base = [statistics.median(b[i] for b in bases) for i in range(3)]
+    lines = [f"\n## {datetime.date.today()} — `python -m evaluation.bench_search --speed-only --rounds {args.rounds}` "
+             "(idle timing)\n",
+             f"The models the run above exported, timed again in one process: prefill of 512 tokens and 32 decode "
+             f"steps, batch 1, best of 2, in {args.rounds} interleaved rounds (each round times the parent, then every "
+             "model; a ratio is the median over rounds of model ÷ that round's parent, the prefill's min–max over "
+             f"rounds in brackets); load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end. "
+             "Prefill as `generate` runs it: logits of the last position only (`logits_to_keep=1`); the last column "
+             f"computes all 512 positions' logits, where the {parent.lm_head.weight.numel() / 1e6:.1f} M-parameter LM "
+             f"head, which no row prunes, is a fixed share. Parent (median of rounds): prefill {base[0]:.0f} tok/s "
+             f"({base[2]:.0f} with all logits), decode {base[1]:.1f} tok/s.\n",
+             "| model | decoder params | prefill × [min–max] | decode × | prefill × (all logits) |",
+             "|---|---|---|---|---|"]
+    for name, model in models.items():
         params = sum(p.numel() for layer in model.model.layers for p in layer.parameters())
-        lines.append(f"| {folder.name} | {params / 1e6:.1f} M | {got[0] / base[0]:.2f} | {got[1] / base[1]:.2f} | "
-                     f"{got[2] / base[2]:.2f} |")
-        print(lines[-1], flush=True)
+        r = ratios[name]
+        med = [statistics.median(x[i] for x in r) for i in range(3)]
+        lines.append(f"| {name} | {params / 1e6:.1f} M | {med[0]:.2f} [{min(x[0] for x in r):.2f}–"
+                     f"{max(x[0] for x in r):.2f}] | {med[1]:.2f} | {med[2]:.2f} |")
     emit(lines, args.out)
 
 
