@@ -42,6 +42,8 @@ ILD of both mixers ≈ 23 s per layer and epoch on 32768 tokens, SMART ≈ 13 s 
 step of 8 × 512 tokens ≈ 60 s): ILD ≈ 23 min (2 epochs) + 12 min (the all-MLA row's), SMART ≈ 7 min, KD
 ≈ 16 min per trained row × 5, the evaluation pass ≈ 27 min (8 models × 40 windows at 2048), decode ≈ 4
 min: about 2 h of training and 2.5 h in all, so run it with ``--work`` and continue it when cut off.
+Measured on 2026-12-03 (idle): ILD 19 min, SMART 10 min, KD 11–15 min per row, the all-MLA ILD 9 min (105 min
+of training), but the evaluation pass ≈ 45 min (about 70 s per window for the 8 models): 2 h 40 min in all.
 KD at 8 × 512 tokens holds about 21 GB at its peak on this CPU (the activations of 30 layers kept for
 the backward).
 
