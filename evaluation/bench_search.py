@@ -97,6 +97,11 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--population", type=int, default=16)
     ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--refine", type=int, default=24, help="the search's stage-3 evaluations per budget")
+    ap.add_argument("--rows", nargs="+", default=["all"],
+                    help="measure only these rows (names as in the table: search, search+refit, search+slimgpt, "
+                         "search+slimgpt-bias, search+refit+distill, slimgpt-log, slimgpt-log-bias, flap, shortgpt; "
+                         "'supernet', 'tau'); default all")
     ap.add_argument("--windows", type=int, default=40, help="perplexity windows of 2048 tokens")
     ap.add_argument("--kl-windows", type=int, default=4)
     ap.add_argument("--kl-seqlen", type=int, default=512)
@@ -193,7 +198,7 @@ def main() -> None:
     parent = None  # its memory back before the search loads its own copy
 
     config = SearchConfig(budgets=sorted(args.budgets), population=args.population, generations=args.generations,
-                          samples=args.samples, seqlen=args.seqlen)
+                          samples=args.samples, seqlen=args.seqlen, refine=args.refine)
     resume = (work / "run" / "search.json").is_file()
     if not resume:
         shutil.rmtree(work / "run", ignore_errors=True)  # cut off before its first record
@@ -201,7 +206,13 @@ def main() -> None:
     search_seconds = record["seconds"]  # over the runs that searched: a finished search replayed keeps its own
     print(f"search: {search_seconds:.0f} s, {len(record['candidates'])} candidates", flush=True)
 
+    def wanted(name: str) -> bool:
+        return "all" in args.rows or name in args.rows
+
     def add(key, name, budget, build):
+        if not wanted(name.split("(")[0]):
+            return
+
         def make():
             start = time.perf_counter()
             folder_or_model = build()
@@ -249,6 +260,9 @@ def main() -> None:
     front = record["front"]
     picks = sorted({round(i * (len(front) - 1) / max(args.tau - 1, 1)) for i in range(args.tau)})
     tau_rows = []
+    if not wanted("tau"):
+        picks = []
+
     def tau_row(k):
         shutil.rmtree(work / f"tau-{k}", ignore_errors=True)
         folder = export_subnet(work / "run", work / f"tau-{k}", pick=k, device="cpu")
@@ -257,8 +271,8 @@ def main() -> None:
         return {"pick": k, "params": front[k]["params"], "proxy": front[k]["proxy"], "kl": front[k]["kl"], "ppl": ppl}
     for k in picks:
         tau_rows.append(row_once(f"tau-{k}", lambda: tau_row(k)))
-    tau_proxy = kendall_tau([r["proxy"] for r in tau_rows], [r["ppl"] for r in tau_rows])
-    tau_kl = kendall_tau([r["kl"] for r in tau_rows], [r["ppl"] for r in tau_rows])
+    tau_proxy = kendall_tau([r["proxy"] for r in tau_rows], [r["ppl"] for r in tau_rows]) if tau_rows else None
+    tau_kl = kendall_tau([r["kl"] for r in tau_rows], [r["ppl"] for r in tau_rows]) if tau_rows else None
     report(args, rows, tau_rows, tau_proxy, tau_kl, record, search_seconds, forward, time.perf_counter() - started)
 
 
@@ -343,15 +357,16 @@ def report(args, rows, tau_rows, tau_proxy, tau_kl, record, search_seconds, forw
     import os
 
     load = os.getloadavg()[0]
-    lines = [f"\n## {datetime.date.today()} — `python -m evaluation.bench_search "
-             f"--windows {args.windows} --distill {args.distill} --supernet-steps {args.supernet_steps} "
-             f"--supernet-generations {args.supernet_generations}`\n",
+    import sys
+
+    lines = [f"\n## {datetime.date.today()} — `python -m evaluation.bench_search {' '.join(sys.argv[1:])}`\n",
              f"Machine: 2-core CPU, no GPU; load average at the end {load:.1f} (tokens/s ratios are within this "
              "run). Calibration: "
              f"{args.samples} × {args.seqlen} WikiText-2 train tokens (seed 0), the same for every row. Perplexity at "
              f"2048 over the first {args.windows} test windows; KL / top-1 over {args.kl_windows} × {args.kl_seqlen} "
              "test tokens; prefill 512 / decode 32 tokens/s ÷ the parent's. Search: population "
-             f"{args.population}, {args.generations} generations, {len(record['candidates'])} candidates, "
+             f"{args.population}, {args.generations} generations, then {args.refine} refinement evaluations per budget, "
+             f"{len(record['candidates'])} candidates, "
              f"{search_seconds:.0f} s = {search_seconds / forward:.0f}× one plain forward over the calibration "
              f"tokens ({forward:.1f} s); candidates scored as {record['config'].get('candidates', 'slice')} "
              f"(profiling walk and refit on {record['config'].get('obs_samples')} × "
@@ -363,11 +378,12 @@ def report(args, rows, tau_rows, tau_proxy, tau_kl, record, search_seconds, forw
     for r in rows:
         lines.append(f"| {r['row']} | {r['budget']:.2f} | {r['decoder_params'] / 1e6:.1f} M | {r['ppl']:.2f} | "
                      f"{r['kl']:.3f} | {r['top1']:.3f} | {r['prefill']:.2f} | {r['decode']:.2f} | {r['seconds']} |")
-    lines += ["", f"Kendall τ over {len(tau_rows)} exported front members (as scored): proxy vs perplexity "
-              f"**{tau_proxy:.2f}**, calibration KL vs perplexity **{tau_kl:.2f}**.", "",
-              "| pick | params | proxy | calib KL | ppl@2048 |", "|---|---|---|---|---|"]
-    lines += [f"| {r['pick']} | {r['params']:.3f} | {r['proxy']:.3f} | {r['kl']:.4f} | {r['ppl']:.2f} |"
-              for r in tau_rows]
+    if tau_rows:
+        lines += ["", f"Kendall τ over {len(tau_rows)} exported front members (as scored): proxy vs perplexity "
+                  f"**{tau_proxy:.2f}**, calibration KL vs perplexity **{tau_kl:.2f}**.", "",
+                  "| pick | params | proxy | calib KL | ppl@2048 |", "|---|---|---|---|---|"]
+        lines += [f"| {r['pick']} | {r['params']:.3f} | {r['proxy']:.3f} | {r['kl']:.4f} | {r['ppl']:.2f} |"
+                  for r in tau_rows]
     emit(lines, args.out)
 
 

@@ -30,8 +30,9 @@
 # compared with the others'.
 #
 # The defaults run on the idle 2-core CPU in about 2 minutes (KL on 2 × 256 calibration tokens, the
-# profiling walk on 8 × 256, population 6 for 2 generations). The study at full size: `calib_samples=4,
-# calib_seqlen=512, obs_samples=32, population=16, generations=8` (the CLI's defaults,
+# profiling walk on 8 × 256, population 6 for 2 generations, 4 refinement evaluations per budget). The study
+# at full size: `calib_samples=4, calib_seqlen=512, obs_samples=32, population=16, generations=8, refine=24`
+# (the CLI's defaults,
 # `evaluation/results/search-smollm2.md`).
 
 # %% tags=["parameters"]
@@ -40,6 +41,7 @@ budget: float = 0.7  # the size compared: a fraction of the parent's decoder par
 space: str = "full"  # llama-nas (depth, FFN width) or full (also attention width)
 population: int = 6
 generations: int = 2
+refine: int = 4  # then evaluations per budget around its best candidate (the CLI's default: 24)
 ffn_step: int = 64
 data: str = "wikitext2"  # calibration (train excerpt) and evaluation (test split) text
 calib_samples: int = 2  # the KL's tokens (the CLI's default: 4 × 512)
@@ -84,7 +86,7 @@ started = time.perf_counter()
 work = study.work_folder(work_dir)
 budgets = sorted({round(budget - 0.15, 2), budget, round(min(budget + 0.15, 0.95), 2)})
 config = SearchConfig(space=space, budgets=budgets, population=population, generations=generations,
-                      ffn_step=ffn_step, data=data, samples=calib_samples, seqlen=calib_seqlen,
+                      refine=refine, ffn_step=ffn_step, data=data, samples=calib_samples, seqlen=calib_seqlen,
                       obs_samples=obs_samples, obs_seqlen=obs_seqlen)
 search = Search(model, work / "run", config, device="cpu")
 record = search.run()

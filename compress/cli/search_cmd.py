@@ -49,6 +49,8 @@ def search_group():
                    "targets; the solver seeds one sub-network per budget.")
 @click.option("--population", type=int, default=16, show_default=True, help="NSGA-II population.")
 @click.option("--generations", type=int, default=8, show_default=True, help="NSGA-II generations.")
+@click.option("--refine", type=int, default=24, show_default=True,
+              help="Then, per budget, this many evaluations of moves around the best candidate within it (0: none).")
 @click.option("--ffn-step", type=int, default=None, help="FFN width step (default 64; 256 for FFN ≥ 8192).")
 @click.option("--gqa-unit", type=click.Choice(["query", "kv"]), default="query", show_default=True,
               help="Attention unit: one query head of every KV group, or whole KV groups.")
@@ -73,20 +75,21 @@ def search_group():
 @click.option("--resume", is_flag=True, help="Continue the search in --out (same flags).")
 @click.option("--json", "as_json", is_flag=True, help="Print the front as JSON.")
 @device_option
-def run_command(model, out, space, objectives, budget, population, generations, ffn_step, gqa_unit, min_depth,
+def run_command(model, out, space, objectives, budget, population, generations, refine, ffn_step, gqa_unit, min_depth,
                 candidates, obs_samples, obs_seqlen, data,
                 samples, seqlen, batch_size, seed, supernet_steps, supernet_lr, compare, resume, as_json, device):
     """Search MODEL's sub-networks (depth, FFN width, attention width) for the Pareto front.
 
     Stage 1 scores every per-layer option once and a mixed-integer program picks the best combination
-    per budget; stage 2 runs NSGA-II on the whole-model objectives, seeded with those picks. The run
-    folder is its own checkpoint (--resume).
+    per budget; stage 2 runs NSGA-II on the whole-model objectives, seeded with those picks; stage 3
+    tries moves of units between layers around each budget's best candidate (--refine). The run folder
+    is its own checkpoint (--resume).
     """
     from compress.search.run import Search, SearchConfig
 
     config = SearchConfig(space=space, gqa_unit=gqa_unit, objectives=[o.strip() for o in objectives.split(",")],
                           budgets=_floats(budget, "--budget"), population=population, generations=generations,
-                          ffn_step=ffn_step, min_depth=min_depth, data=data, samples=samples, seqlen=seqlen,
+                          refine=refine, ffn_step=ffn_step, min_depth=min_depth, data=data, samples=samples, seqlen=seqlen,
                           batch_size=batch_size, seed=seed, supernet_steps=supernet_steps, supernet_lr=supernet_lr,
                           candidates=candidates, obs_samples=obs_samples, obs_seqlen=obs_seqlen)
     record = Search(model, out, config, device=device, resume=resume, compare=list(compare)).run()

@@ -26,6 +26,7 @@ class LlamaNASConfig:
     gqa_unit: str = config_field("query", "Attention unit: query or kv.")
     population: int = config_field(16, "NSGA-II population.")
     generations: int = config_field(8, "NSGA-II generations.")
+    refine: int = config_field(24, "Then evaluations per budget of moves around its best candidate (0: none).")
     ffn_step: int | None = config_field(None, "FFN width step (default 64; 256 for FFN ≥ 8192).")
     min_depth: int | None = config_field(None, "Fewest layers kept (default: half).")
     samples: int = config_field(4, "Calibration samples of the search (the KL's tokens).")
@@ -73,7 +74,8 @@ class LlamaNAS(ModelMethod):
         c = self.config
         budgets = sorted(set([*c.budgets, c.budget]))
         config = SearchConfig(space=c.space, gqa_unit=c.gqa_unit, objectives=list(c.objectives), budgets=budgets,
-                              population=c.population, generations=c.generations, ffn_step=c.ffn_step,
+                              population=c.population, generations=c.generations, refine=c.refine,
+                              ffn_step=c.ffn_step,
                               min_depth=c.min_depth, data=c.data, samples=c.samples, seqlen=c.seqlen,
                               seed=ctx.seed, supernet_steps=c.supernet_steps, candidates=c.candidates,
                               obs_samples=c.obs_samples, obs_seqlen=c.obs_seqlen)

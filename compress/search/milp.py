@@ -127,3 +127,30 @@ def first_population(space: SearchSpace, scores, option_costs, budgets: list[flo
     room = max(population - len(first), 0)
     step = len(rest) / max(room, 1)
     return (first + [rest[int(i * step)] for i in range(room)])[:population]
+
+
+def check_budgets(space: SearchSpace, kind: str, budgets: list[float]) -> None:
+    """A clear error when the lowest budget is below what the space can reach (parameters or KV bytes;
+    latency is checked once its table is measured: :func:`check_latency_budgets`)."""
+    if kind == "params":
+        reach = min_cost(space, [{o: space.option_parameters(o) for o in space.options()}] * space.depth)
+        reach /= space.parent_parameters
+    elif kind == "kv":
+        reach = min_cost(space, [{o: space.option_kv_bytes(o) for o in space.options()}] * space.depth)
+        reach /= max(space.parent_kv_bytes, 1)
+    else:
+        return
+    low = min(budgets)
+    if low < reach - 1e-9:
+        raise CompressError(f"--budget {low} is below what the space can reach ({reach:.3f} of the parent's "
+                            f"{'decoder parameters' if kind == 'params' else 'KV bytes'} with --min-depth "
+                            f"{space.min_depth}); raise it or lower --min-depth")
+
+
+def check_latency_budgets(space: SearchSpace, table: dict, budgets: list[float]) -> None:
+    costs = option_costs(space, table, "latency")
+    reach = (fixed_cost(table, "latency") + min_cost(space, costs)) / parent_cost(space, table, "latency")
+    if min(budgets) < reach - 1e-9:
+        raise CompressError(f"--budget {min(budgets)} is below what the space can reach ({reach:.3f} of the parent's "
+                            f"measured latency with --min-depth {space.min_depth}: the embedding and lm_head take "
+                            "the rest); raise it or lower --min-depth")

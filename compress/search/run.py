@@ -6,10 +6,11 @@
          ─► reorder the parent (function-preserving) ─► [super-network training]
          ─► stage 1: a mixed-integer program per budget on the additive proxy (seeds)
          ─► stage 2: NSGA-II (pymoo) on the real whole-model objectives, seeded with the solver's picks
+         ─► stage 3: a local search around each budget's best candidate (compress.search.refine)
          ─► search.json (every candidate), front.json (the non-dominated set), front.png, compress.json
 
 The run folder is the search's checkpoint: ``profile.json`` after the walk, ``supernet.safetensors``
-after the super-network training, ``search.json`` after each generation. ``--resume`` replays the
+after the super-network training, ``search.json`` after each generation (and refinement round). ``--resume`` replays the
 genetic algorithm from its seed with the recorded evaluations (evaluation is the only costly step and
 NSGA-II is deterministic given its seed and the objective values), so a resumed search ends with the
 same front as an uninterrupted one. Under ``torch.distributed`` (``accelerate launch`` / ``torchrun``)
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from compress.errors import CompressError
+from compress.search import milp
 from compress.search.front import pareto_front, plot_front
 from compress.search.objectives import Evaluator, check_objectives
 from compress.search.record import config_record, differences, model_fingerprint, read_profile, write_json  # noqa: F401  (model_fingerprint: re-exported)
@@ -62,6 +64,7 @@ class SearchConfig:
     # more than the KL's, or the refit fits the scoring tokens themselves (same source and seed)
     obs_samples: int = 32
     obs_seqlen: int = 256
+    refine: int = 24  # stage 3: evaluations per budget around its best candidate (compress.search.refine)
 
     def check(self) -> None:
         check_objectives(self.objectives)
@@ -79,6 +82,8 @@ class SearchConfig:
             raise CompressError(f"unknown --gqa-unit '{self.gqa_unit}' (choose query or kv)")
         if self.population < 4:
             raise CompressError(f"--population must be at least 4, got {self.population}")
+        if self.refine < 0:
+            raise CompressError(f"--refine must be ≥ 0, got {self.refine}")
         if self.generations < 1:
             raise CompressError(f"--generations must be at least 1, got {self.generations}")
         if not self.budgets or any(not 0.0 < b <= 1.0 for b in self.budgets):
@@ -132,9 +137,11 @@ class Search:
                 recorded = json.loads(path.read_text())
             except ValueError as exc:
                 raise CompressError(f"--resume: {path} is not valid JSON ({exc})") from None
-            if recorded.get("config") != config_record(self.config):
+            # settings added since the folder was written count as their defaults
+            settings = {**config_record(SearchConfig()), **(recorded.get("config") or {})}
+            if settings != config_record(self.config):
                 raise CompressError(f"--resume: {self.out} was searched with other settings "
-                                    f"({differences(recorded.get('config') or {}, config_record(self.config))}); "
+                                    f"({differences(settings, config_record(self.config))}); "
                                     "give the same flags or another --out")
             return recorded
         if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
@@ -163,7 +170,7 @@ class Search:
         check_llama_like(model)
         c = self.config
         space = SearchSpace.from_layout(layout(model), c.space, c.gqa_unit, c.ffn_step, c.min_depth)
-        self._check_budgets(space)
+        milp.check_budgets(space, c.objectives[1], c.budgets)
         from compress.data import calibration_tokens
 
         tokens = calibration_tokens(model, tokenizer, c.data, c.samples, c.seqlen, c.seed)
@@ -173,7 +180,7 @@ class Search:
         profile, stored, compensation = self._profile(model, profile_tokens, space, device)
         self.compensation = compensation  # the recipe stage exports with it
         if profile.get("latency") is not None:
-            self._check_latency_budgets(space, profile["latency"])
+            milp.check_latency_budgets(space, profile["latency"], c.budgets)
         if self.rank == 0:  # the first file of the run: every check has passed
             self.out.mkdir(parents=True, exist_ok=True)
             if stored is not None:
@@ -217,35 +224,6 @@ class Search:
             points.append({"label": Path(folder).name, "folder": folder, **evaluator.reference_point(other)})
             del other
         return points
-
-    def _check_latency_budgets(self, space: SearchSpace, table: dict) -> None:
-        from compress.search import milp
-
-        costs = milp.option_costs(space, table, "latency")
-        reach = (milp.fixed_cost(table, "latency") + milp.min_cost(space, costs)) / milp.parent_cost(space, table,
-                                                                                                      "latency")
-        if min(self.config.budgets) < reach - 1e-9:
-            raise CompressError(f"--budget {min(self.config.budgets)} is below what the space can reach ({reach:.3f} "
-                                f"of the parent's measured latency with --min-depth {space.min_depth}: the "
-                                "embedding and lm_head take the rest); raise it or lower --min-depth")
-
-    def _check_budgets(self, space: SearchSpace) -> None:
-        from compress.search.milp import min_cost
-
-        kind = self.config.objectives[1]
-        if kind == "params":
-            reach = min_cost(space, [{o: space.option_parameters(o) for o in space.options()}] * space.depth)
-            reach /= space.parent_parameters
-        elif kind == "kv":
-            reach = min_cost(space, [{o: space.option_kv_bytes(o) for o in space.options()}] * space.depth)
-            reach /= max(space.parent_kv_bytes, 1)
-        else:
-            return  # latency: checked once the table is measured
-        low = min(self.config.budgets)
-        if low < reach - 1e-9:
-            raise CompressError(f"--budget {low} is below what the space can reach ({reach:.3f} of the parent's "
-                                f"{'decoder parameters' if kind == 'params' else 'KV bytes'} with --min-depth "
-                                f"{space.min_depth}); raise it or lower --min-depth")
 
     # --- the profiling walk ------------------------------------------------------------------------
     def _profile(self, model, tokens, space: SearchSpace, device) -> tuple[dict, dict | None, object]:
@@ -315,8 +293,6 @@ class Search:
 
     # --- the two stages ----------------------------------------------------------------------------
     def _search(self, space, evaluator: Evaluator, scores, recorded, fingerprint, forward_seconds, supernet) -> dict:
-        from compress.search import milp
-
         c = self.config
         cost_kind = c.objectives[1]
         option_costs = milp.option_costs(space, evaluator.latency, cost_kind)
@@ -367,6 +343,12 @@ class Search:
 
         parent_q = evaluator.quality(space.full_choice())  # sanity: KL of the parent to itself is 0
         result = self._nsga(space, evaluate, seeds, low, high, recorded)
+        from compress.search.refine import refine
+
+        rounds = refine(space, evaluate, cache, scores, option_costs, c.budgets,
+                        milp.parent_cost(space, evaluator.latency, cost_kind),
+                        milp.fixed_cost(evaluator.latency, cost_kind), c.objectives[0], cost_kind, c.refine,
+                        result["generations"], self._step_done(recorded))
         all_evaluated = list(cache.values())
         front = pareto_front(all_evaluated, c.objectives, low, high)
         return {"version": 1, "model": self.model_spec, "fingerprint": fingerprint, "config": config_record(c),
@@ -376,22 +358,26 @@ class Search:
                                    if c.candidates == "obs" else {})},
                 "window": [low, high], "forward_seconds": round(forward_seconds, 2),
                 "stage1_seconds": round(stage1_seconds, 2), "parent": {**parent_q, **evaluator.costs(space.full_choice())},
-                "supernet": supernet, "generations_done": result["generations"], "processes": self.world,
+                "supernet": supernet, "generations_done": result["generations"] + rounds, "processes": self.world,
                 "candidates": sorted(all_evaluated, key=lambda r: (r["generation"], r["genome"])),
                 "front": front}
 
     def _nsga(self, space, evaluate, seeds, low, high, recorded) -> dict:
         from compress.search.nsga import run_nsga2
 
+        return run_nsga2(space, self.config, evaluate, [g for g, _, _ in seeds], low, high,
+                         self._step_done(recorded))
+
+    def _step_done(self, recorded):
+        """After a generation (or a refinement round): the checkpoint when it is new, then the hook."""
         done = (recorded or {}).get("generations_done", 0)
 
-        def generation_done(generation):
+        def step_done(generation):
             if self.rank == 0 and generation > done:
                 self._checkpoint(generation)
             if self.on_generation is not None:
                 self.on_generation(generation)
-
-        return run_nsga2(space, self.config, evaluate, [g for g, _, _ in seeds], low, high, generation_done)
+        return step_done
 
     def _checkpoint(self, generation: int) -> None:
         """search.json after a generation: what --resume replays."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from compress.search.run import Search, SearchConfig
 
-CONFIG = dict(population=6, generations=3, ffn_step=32, samples=4, seqlen=32, budgets=[0.5, 0.7, 0.85],
+CONFIG = dict(population=6, generations=3, refine=4, ffn_step=32, samples=4, seqlen=32, budgets=[0.5, 0.7, 0.85],
               min_depth=2, batch_size=2, obs_samples=8, obs_seqlen=32)
 
 

@@ -43,6 +43,10 @@ def test_front_is_non_dominated_and_within_the_budgets(searched):
                        for o in candidates if low <= o["params"] <= high)
     assert [r["params"] for r in front] == sorted(r["params"] for r in front)
     assert record["parent"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the parent against itself
+    refined = [c for c in candidates if c.get("refined_for") is not None]  # stage 3: per budget, within it
+    assert refined and all(c["params"] <= c["refined_for"] + 1e-12 for c in refined)
+    assert all(sum(c["refined_for"] == b for c in refined) <= CONFIG["refine"] for b in CONFIG["budgets"])
+    assert record["generations_done"] > CONFIG["generations"]
     seeded = [c for c in candidates if c["milp_budget"] in CONFIG["budgets"]]
     assert len(seeded) == 3 and all(c["params"] <= c["milp_budget"] + 1e-12 for c in seeded)
     on_disk = json.loads((out / FRONT_FILE).read_text())
@@ -66,7 +70,8 @@ def test_candidate_costs_are_exact(searched):
         assert r["proxy"] >= 0
 
 
-def test_killed_search_resumes_to_the_same_front(tiny, searched, tmp_path):
+@pytest.mark.parametrize("killed_at", [2, CONFIG["generations"] + 2], ids=["nsga", "refine"])
+def test_killed_search_resumes_to_the_same_front(tiny, searched, tmp_path, killed_at):
     _, straight = searched
     out = tmp_path / "killed"
 
@@ -74,13 +79,13 @@ def test_killed_search_resumes_to_the_same_front(tiny, searched, tmp_path):
         pass
 
     def kill(generation):
-        if generation == 2:
+        if generation == killed_at:
             raise Killed()
 
     with pytest.raises(Killed):
         small_search(tiny, out, on_generation=kill)
     partial = json.loads((out / SEARCH_FILE).read_text())
-    assert partial["generations_done"] == 2 and not (out / FRONT_FILE).exists()
+    assert partial["generations_done"] == killed_at and not (out / FRONT_FILE).exists()
     resumed = small_search(tiny, out, resume=True)
     # the same sub-networks; their KL equal up to float summation order (the module's run had other threads)
     assert [g for g, _, _ in _front(resumed)] == [g for g, _, _ in _front(straight)]
@@ -230,6 +235,7 @@ def test_supernet_steps_train_the_shared_weights_and_export_uses_them(tiny, tmp_
     (["--objectives", "kl,size"], "unknown objective 'size'"),
     (["--population", "3"], "--population must be at least 4"),
     (["--budget", "1.5"], "fraction in (0, 1]"),
+    (["--refine", "-1"], "--refine must be ≥ 0"),
 ])
 def test_bad_search_settings(tiny, tmp_path, args, match):
     out = tmp_path / "out"
@@ -244,7 +250,7 @@ def test_resume_or_export_with_another_model_is_refused(searched, tmp_path, smol
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     c = CONFIG
     result = run_cli("search", other, "--out", out, "--resume", "--population", c["population"], "--generations",
-                     c["generations"], "--ffn-step", c["ffn_step"], "--samples", c["samples"], "--seqlen",
+                     c["generations"], "--refine", c["refine"], "--ffn-step", c["ffn_step"], "--samples", c["samples"], "--seqlen",
                      c["seqlen"], "--min-depth", c["min_depth"], "--batch-size", c["batch_size"], "--obs-samples",
                      c["obs_samples"], "--obs-seqlen", c["obs_seqlen"])
     assert_one_line_error(result, "was searched on another model")
