@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", default=["all"],
                     help="measure only these rows (names as in the table: search, search+refit, search+slimgpt, "
                          "search+slimgpt-bias, search+refit+distill, slimgpt-log, slimgpt-log-bias, flap, shortgpt; "
-                         "'supernet', 'tau'); default all")
+                         "'supernet', 'tau'), or one row at one budget (slimgpt-log-0.55); default all")
     ap.add_argument("--windows", type=int, default=40, help="perplexity windows of 2048 tokens")
     ap.add_argument("--kl-windows", type=int, default=4)
     ap.add_argument("--kl-seqlen", type=int, default=512)
@@ -137,7 +137,7 @@ def main() -> None:
     done: dict[str, dict] = {}
     if args.resume and (work / "rows.jsonl").is_file():
         settings = json.loads((work / "settings.json").read_text())
-        ignored = {"resume", "out", "rounds"}  # how a run is continued or reported, not what it measures
+        ignored = {"resume", "out", "rounds", "rows"}  # how a run is continued or reported, not what it measures
         if {k: v for k, v in settings.items() if k not in ignored} != \
                 {k: v for k, v in vars(args).items() if k not in ignored}:
             raise SystemExit(f"{work} holds a run with other settings: {settings}")
@@ -206,11 +206,11 @@ def main() -> None:
     search_seconds = record["seconds"]  # over the runs that searched: a finished search replayed keeps its own
     print(f"search: {search_seconds:.0f} s, {len(record['candidates'])} candidates", flush=True)
 
-    def wanted(name: str) -> bool:
-        return "all" in args.rows or name in args.rows
+    def wanted(name: str, budget: float | None = None) -> bool:
+        return "all" in args.rows or name in args.rows or f"{name}-{budget}" in args.rows
 
     def add(key, name, budget, build):
-        if not wanted(name.split("(")[0]):
+        if not wanted(name.split("(")[0], budget):
             return
 
         def make():
